@@ -1,0 +1,143 @@
+"""Domain values that flow through the pipeline: Press → Signal → Decision → Message.
+
+Every value here is a frozen dataclass or an enum; nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+
+class Click(StrEnum):
+    """The one gesture flicd's ButtonSingleOrDoubleClickOrHold event reports."""
+
+    SINGLE = "single_click"
+    DOUBLE = "double_click"
+    HOLD = "hold"
+
+
+class SignalState(StrEnum):
+    """What a person (or a callback) asks of an alert: open it or close it."""
+
+    ON = "On"
+    OFF = "Off"
+
+
+class Decision(StrEnum):
+    """What the state machine made of a signal (AlertOps' inbound-message vocabulary)."""
+
+    OPEN = "open"  # Mapped
+    APPENDED = "appended"  # Mapped Appended, recorded only
+    RESENT = "resent"  # Mapped Appended, re-sent because the last On is old
+    CLOSE = "close"  # Mapped
+    IGNORED = "ignored"  # Mapped Ignored
+
+    @property
+    def sends(self) -> bool:
+        """Whether this decision produces outbox rows for the sinks."""
+        return self in (Decision.OPEN, Decision.RESENT, Decision.CLOSE)
+
+    @property
+    def action(self) -> str:
+        """The sink-facing action: "open" or "close"."""
+        return "close" if self in (Decision.CLOSE, Decision.IGNORED) else "open"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Press:
+    """One physical gesture on a button, as a source reported it.
+
+    ``pressed_at`` is the real time of the gesture: for a press flicd queued while
+    the button was out of range it is ``received_at - delay_s``.
+    """
+
+    button_id: str
+    click: Click
+    received_at: datetime
+    delay_s: float = 0.0
+    queued: bool = False
+    source: str = "flicd"
+    info: str = ""
+
+    @property
+    def pressed_at(self) -> datetime:
+        return self.received_at - timedelta(seconds=self.delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A request to open (On) or close (Off) a button's alert.
+
+    ``origin`` says who asked: ``press``, ``api``, ``ingest``, ``send``, ``ilert``,
+    ``flashduty``, ``exec``. ``local_only`` is a re-arm: the state closes but
+    nothing is sent to the sinks (the platform already closed its alert).
+    """
+
+    button_id: str
+    state: SignalState
+    origin: str
+    received_at: datetime
+    press: Press | None = None
+    info: str = ""
+    local_only: bool = False
+    actor: str = ""  # who triggered a callback (e-mail, user id), for the record
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What every sink of a button is asked to deliver; stored as the outbox row's payload."""
+
+    alert_key: str
+    button_id: str
+    button_name: str
+    name_id: str
+    info: str
+    state: SignalState
+    action: str  # "open" | "close"
+    click: str  # a Click value, or "" for a signal that did not come from a press
+    pressed_at: datetime
+    delay_s: float
+    site: str
+    severity: str
+    event: int  # id of the press/callback event in the store
+    origin: str = "press"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["pressed_at"] = self.pressed_at.isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Message:
+        values = dict(data)
+        values["state"] = SignalState(values["state"])
+        values["pressed_at"] = datetime.fromisoformat(values["pressed_at"])
+        values.setdefault("extra", {})
+        return cls(**values)
+
+    def variables(self) -> dict[str, str]:
+        """Template placeholders of the webhook sink (DESIGN.md §9)."""
+        return {
+            "alert_key": self.alert_key,
+            "button_id": self.button_id,
+            "button_name": self.button_name,
+            "info": self.info,
+            "state": self.state.value,
+            "action": self.action,
+            "click": self.click,
+            "pressed_at": self.pressed_at.isoformat(),
+            "delay_s": f"{self.delay_s:g}",
+            "site": self.site,
+            "severity": self.severity,
+            "name_id": self.name_id,
+        }
