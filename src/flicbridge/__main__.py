@@ -1,0 +1,5 @@
+import sys
+
+from flicbridge.cli import main
+
+sys.exit(main())

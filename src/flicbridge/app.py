@@ -1,0 +1,509 @@
+"""The bridge: wires sources → mapping → state machine → store → dispatcher → sinks.
+
+Constructors only assign; ``run`` starts every unit under one TaskGroup and stops them in
+order on ``stop``: sources first (no new presses), then deliveries in flight (bounded by
+the HTTP timeout), then pending commits, then the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from flicbridge import __version__
+from flicbridge.alerts import AlertBus
+from flicbridge.config import ButtonConfig, Config
+from flicbridge.delivery import Outcome
+from flicbridge.dispatcher import Dispatcher
+from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
+from flicbridge.mapping import signal_for
+from flicbridge.metrics import Metrics
+from flicbridge.notify import Notifier, watchdog_loop
+from flicbridge.sinks import build_sink
+from flicbridge.sinks.base import Sink
+from flicbridge.state import AlertState, decide
+from flicbridge.store import Committed, EventRecord, OutboxRow, Store
+
+log = structlog.get_logger(__name__)
+
+TOKEN_LIFETIME = 24 * 3600.0
+
+
+class UnknownButton(LookupError):
+    """A signal named a button the configuration does not have."""
+
+
+class NotAccepting(RuntimeError):
+    """The bridge is shutting down and takes no new signals."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A signal's decision, committed."""
+
+    event_id: int
+    decision: Decision
+    rows: tuple[OutboxRow, ...]
+    duplicate: bool = False
+
+
+@dataclass
+class ButtonStatus:
+    """What the bridge knows of a button's radio side."""
+
+    connected: bool | None = None
+    detail: str = ""
+    battery: int | None = None
+    battery_low: bool = False
+    last_press: str | None = None
+    last_decision: str | None = None
+
+
+@dataclass
+class ExecToken:
+    """A single-use token of an EXECUTE local alert: closes the alert it was raised for."""
+
+    button_id: str
+    event: int
+    created: float
+    spent: bool = False
+
+
+@dataclass
+class Health:
+    store_ok: bool = True
+    store_error: str = ""
+    source_up: dict[str, bool] = field(default_factory=dict)
+    source_detail: dict[str, str] = field(default_factory=dict)
+
+
+class Bridge:
+    """One running flicbridge. Implements ``SourceListener`` for every source."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        self.alerts_bus = AlertBus()
+        self.health = Health()
+        self.store = Store(
+            config.store.path, history=config.store.history, on_health=self._store_health
+        )
+        self.sinks: dict[str, Sink] = {s.id: build_sink(s, config.site) for s in config.sinks}
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.sinks,
+            timeout=config.delivery.timeout,
+            backoff_initial=config.delivery.backoff_initial,
+            backoff_max=config.delivery.backoff_max,
+            max_age=config.delivery.max_age,
+            listener=self,
+            clock=clock,
+        )
+        self.states: dict[str, AlertState] = {}
+        self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
+        self.tokens: dict[str, ExecToken] = {}
+        self.accepting = False
+        self.started_at = clock()
+        self.url: str | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.extra_tasks: list[Callable[[], Awaitable[None]]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to shut down (SIGTERM)."""
+        self._stop.set()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        """Run until ``stop``; raises StoreError when the store cannot be opened."""
+        from flicbridge.server.app import build_app
+
+        await self.store.open()
+        runner: web.AppRunner | None = None
+        try:
+            self.states = await self.store.alerts()
+            runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, self.config.server.host, self.config.server.port)
+            await site.start()
+            self.url = _site_url(runner)
+            self.accepting = True
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.dispatcher.run(), name="dispatcher")
+                sources = [tg.create_task(c, name=n) for n, c in self._sources()]
+                extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
+                tg.create_task(watchdog_loop(self.notifier), name="watchdog")
+                tg.create_task(self._gauges(), name="gauges")
+                await asyncio.sleep(0)  # let sources make their first connection attempt
+                self.notifier.ready(f"listening on {self.url}")
+                self._ready.set()
+                log.info("started", version=__version__, url=self.url, sinks=list(self.sinks))
+                await self._stop.wait()
+                log.info("stopping")
+                self.notifier.stopping()
+                self.accepting = False
+                for task in sources + extras:
+                    task.cancel()
+                await self.dispatcher.stop()
+                if self._pending:
+                    await asyncio.wait(self._pending, timeout=self.config.delivery.timeout)
+                # Unwind the TaskGroup: every remaining task (dispatcher, watchdog) is cancelled.
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            self.accepting = False
+            if runner is not None:
+                await runner.cleanup()
+            await self.store.close()
+            log.info("stopped")
+
+    def _sources(self) -> list[tuple[str, Any]]:
+        coroutines: list[tuple[str, Any]] = []
+        flicd_buttons = {
+            b.address.lower(): b.id
+            for b in self.config.buttons
+            if b.source == "flicd" and b.address is not None
+        }
+        if flicd_buttons:
+            from flicbridge.sources.flicd import FlicdSource
+
+            source = FlicdSource(
+                host=self.config.flicd.host,
+                port=self.config.flicd.port,
+                buttons=flicd_buttons,
+                listener=self,
+                reconnect_max=self.config.flicd.reconnect_max,
+                ping_interval=self.config.flicd.ping_interval,
+            )
+            self.health.source_up["flicd"] = False
+            self.health.source_detail["flicd"] = "connecting"
+            coroutines.append(("source:flicd", source.run()))
+        return coroutines
+
+    async def _gauges(self) -> None:
+        """Refresh queue gauges; cheap (in-memory) and slow enough to cost nothing idle."""
+        while True:
+            now = self.clock()
+            for sink_id, depth in self.dispatcher.depth().items():
+                self.metrics.queue_depth.labels(sink_id).set(depth)
+            for sink_id, oldest in self.dispatcher.oldest().items():
+                self.metrics.oldest_pending.labels(sink_id).set(0 if oldest is None else now - oldest)
+            await asyncio.sleep(5)
+
+    # -- SourceListener --------------------------------------------------------------
+
+    def press(self, press: Press) -> None:
+        """A gesture arrived: map it, decide, commit; never blocks the loop."""
+        button = self.config.button(press.button_id)
+        if button is None:
+            log.warning("press_unknown_button", button=press.button_id)
+            return
+        bound = log.bind(button=button.id, click=press.click.value, source=press.source)
+        max_age = self.config.alerts.max_press_age
+        if press.queued:
+            bound.info("late_press", delay_s=round(press.delay_s, 3),
+                       pressed_at=press.pressed_at.isoformat())
+        if max_age and press.delay_s > max_age:
+            bound.warning("press_dropped_too_old", delay_s=press.delay_s, max_press_age=max_age)
+            self.metrics.dropped_presses.labels(button.id).inc()
+            return
+        state = self._state(button)
+        signal_state = signal_for(button, press.click, state.is_open)
+        if signal_state is None:
+            bound.info("press_unmapped")
+            return
+        self.buttons[button.id].last_press = press.pressed_at.isoformat()
+        try:
+            self.submit(
+                Signal(
+                    button_id=button.id,
+                    state=signal_state,
+                    origin=press.source if press.source == "ingest" else "press",
+                    received_at=press.received_at,
+                    press=press,
+                    info=press.info,
+                )
+            )
+        except NotAccepting:
+            bound.warning("press_refused_shutting_down")
+
+    def link(self, source: str, up: bool, detail: str) -> None:
+        was = self.health.source_up.get(source)
+        self.health.source_up[source] = up
+        self.health.source_detail[source] = detail
+        self.metrics.source_up.labels(source).set(1 if up else 0)
+        if was and not up:
+            self.alerts_bus.publish("WARNING", "MESSAGE", "HIGH", f"{source} lost: {detail}")
+
+    def button_link(self, button_id: str, connected: bool, detail: str) -> None:
+        status = self.buttons.get(button_id)
+        if status is None:
+            return
+        status.connected, status.detail = connected, detail
+        self.metrics.button_connected.labels(button_id).set(1 if connected else 0)
+        log.info("button_link", button=button_id, connected=connected, detail=detail)
+
+    def battery(self, button_id: str, percent: int) -> None:
+        status = self.buttons.get(button_id)
+        if status is None:
+            return
+        status.battery = percent
+        self.metrics.battery.labels(button_id).set(percent)
+        threshold = self.config.alerts.battery_warn_percent
+        if percent < threshold and not status.battery_low:
+            status.battery_low = True
+            log.warning("battery_low", button=button_id, percent=percent)
+            self.alerts_bus.publish(
+                "WARNING", "MESSAGE", "NORMAL",
+                f"battery of {self._name(button_id)} is at {percent} %", button=button_id,
+            )
+        elif percent >= threshold and status.battery_low:
+            status.battery_low = False  # recovered: the next dip warns again
+
+    # -- the pipeline ----------------------------------------------------------------
+
+    def _state(self, button: ButtonConfig) -> AlertState:
+        key = self.config.alert_key(button)
+        state = self.states.get(key)
+        if state is None:
+            state = AlertState(alert_key=key, button_id=button.id)
+        return state
+
+    def _name(self, button_id: str) -> str:
+        button = self.config.button(button_id)
+        return button.display_name if button else button_id
+
+    def submit(
+        self, signal: Signal, *, callback: tuple[str, str] | None = None
+    ) -> asyncio.Future[Accepted]:
+        """Decide ``signal`` now (arrival order) and commit it; the future says when it is safe.
+
+        ``callback`` = (source, event id) makes a repeat of the same callback a no-op.
+        """
+        if not self.accepting:
+            raise NotAccepting("shutting down")
+        button = self.config.button(signal.button_id)
+        if button is None:
+            raise UnknownButton(signal.button_id)
+        now = utcnow()
+        before = self._state(button)
+        decision, after = decide(
+            before, signal.state, now, self.config.alerts.suppress_repeat_for
+        )
+        sends = decision.sends and not signal.local_only
+        messages = (
+            [(sink.id, self._message(button, signal, decision)) for sink in self.config.sinks_of(button)]
+            if sends
+            else []
+        )
+        press = signal.press
+        event = EventRecord(
+            button_id=button.id,
+            alert_key=after.alert_key,
+            origin=signal.origin + (" (rearm)" if signal.local_only else ""),
+            state=signal.state.value,
+            click=press.click.value if press else "",
+            decision=decision.value,
+            received_at=signal.received_at,
+            pressed_at=press.pressed_at if press else signal.received_at,
+            delay_s=press.delay_s if press else 0.0,
+            queued=press.queued if press else False,
+            info=signal.info,
+            actor=signal.actor,
+        )
+        # The decision is made; state moves now so the next signal sees it (arrival order).
+        previous = self.states.get(after.alert_key)
+        self.states[after.alert_key] = after
+        started = time.perf_counter()
+        committed = self.store.commit_event(event, after, messages, callback=callback)
+        result: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending.add(result)
+        result.add_done_callback(self._pending.discard)
+
+        def on_commit(done: asyncio.Future[Committed]) -> None:
+            try:
+                settle(done)
+            except Exception as exc:  # never leave a caller waiting on a bug of ours
+                log.exception("commit_callback_failed", button=button.id)
+                if not result.done():
+                    result.set_exception(exc)
+
+        def settle(done: asyncio.Future[Committed]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                error = done.exception() if not done.cancelled() else None
+                log.error("commit_failed", button=button.id, error=str(error))
+                if not result.done():
+                    result.set_exception(error or RuntimeError("commit cancelled"))
+                return
+            c = done.result()
+            if c.duplicate:
+                # Nothing was written: undo the in-memory move.
+                if previous is None:
+                    self.states.pop(after.alert_key, None)
+                else:
+                    self.states[after.alert_key] = previous
+                log.info("callback_duplicate", button=button.id, origin=signal.origin)
+                result.set_result(Accepted(0, decision, (), duplicate=True))
+                return
+            current = self.states[after.alert_key]
+            self.states[after.alert_key] = replace(current, last_event=c.event_id)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.presses.labels(button.id, signal.origin, decision.value).inc()
+            self.buttons[button.id].last_decision = decision.value
+            log.info(
+                "accepted",
+                button=button.id,
+                alert_key=after.alert_key,
+                origin=signal.origin,
+                state=signal.state.value,
+                decision=decision.value,
+                event_id=c.event_id,
+                rows=len(c.rows),
+                click=event.click or None,
+                delay_s=round(event.delay_s, 3) if event.queued else None,
+                local_only=signal.local_only or None,
+            )
+            self.dispatcher.add(c.rows)
+            self._announce(button, signal, decision, c.event_id)
+            result.set_result(Accepted(c.event_id, decision, c.rows))
+
+        committed.add_done_callback(on_commit)
+        return result
+
+    def _message(self, button: ButtonConfig, signal: Signal, decision: Decision) -> Message:
+        press = signal.press
+        info = button.info
+        if signal.info:
+            info = f"{info} — {signal.info}" if info else signal.info
+        return Message(
+            alert_key=self.config.alert_key(button),
+            button_id=button.id,
+            button_name=button.display_name,
+            name_id=button.name_id or self.config.alert_key(button),
+            info=info,
+            state=SignalState.ON if decision.action == "open" else SignalState.OFF,
+            action=decision.action,
+            click=press.click.value if press else "",
+            pressed_at=press.pressed_at if press else signal.received_at,
+            delay_s=press.delay_s if press else 0.0,
+            site=self.config.site or "",
+            severity=button.severity,
+            event=0,
+            origin=signal.origin,
+        )
+
+    def _announce(self, button: ButtonConfig, signal: Signal, decision: Decision, event: int) -> None:
+        """Local alerts for a decision: INFO always, EXECUTE (close token) when opened."""
+        name = button.display_name
+        self.alerts_bus.publish(
+            "INFO", "SHOW_EVENT", "NORMAL",
+            f"{name}: {signal.state.value} from {signal.origin} → {decision.value}",
+            event=event, button=button.id,
+        )
+        if decision is Decision.OPEN:
+            token = secrets.token_urlsafe(24)
+            self.tokens[token] = ExecToken(button.id, event, self.clock())
+            self.alerts_bus.publish(
+                "INFO", "EXECUTE", "HIGH", f"{name} raised an alert. Close it?",
+                event=event, token=token, button=button.id,
+            )
+        elif decision is Decision.CLOSE:
+            for tok in self.tokens.values():
+                if tok.button_id == button.id:
+                    tok.spent = True  # the alert it would close is closed
+
+    # -- DeliveryListener ------------------------------------------------------------
+
+    def delivered(self, row: OutboxRow, outcome: Outcome, latency: float) -> None:
+        self.metrics.deliveries.labels(row.sink_id, "delivered").inc()
+        self.metrics.latency.labels(row.sink_id).observe(max(latency, 0.0))
+
+    def retrying(self, row: OutboxRow, outcome: Outcome, delay: float) -> None:
+        self.metrics.deliveries.labels(row.sink_id, "retry").inc()
+        self.metrics.retries.labels(row.sink_id).inc()
+
+    def dead(self, row: OutboxRow, outcome: Outcome) -> None:
+        self.metrics.deliveries.labels(row.sink_id, "dead").inc()
+        self.metrics.dead_letters.labels(row.sink_id).inc()
+        self.alerts_bus.publish(
+            "ERROR", "MESSAGE", "HIGH",
+            f"{row.message.action} of {row.message.button_name} could not be delivered to "
+            f"{row.sink_id}: {outcome.detail} (row {row.id}; `flicbridge queue retry "
+            f"{row.id}` re-queues it)",
+            event=row.message.event, button=row.message.button_id,
+        )
+
+    # -- store health ----------------------------------------------------------------
+
+    def _store_health(self, ok: bool, error: str) -> None:
+        self.health.store_ok, self.health.store_error = ok, error
+        self.metrics.store_healthy.set(1 if ok else 0)
+        if ok:
+            log.info("store_recovered")
+        else:
+            log.error("store_commit_failing", error=error, path=str(self.store.path))
+            self.alerts_bus.publish(
+                "ERROR", "MESSAGE", "HIGH",
+                f"the store cannot commit ({error}); presses are held in memory and retried",
+            )
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def requeue(self, row_id: int | None) -> list[OutboxRow]:
+        rows = await self.store.requeue(row_id)
+        self.dispatcher.add(rows)
+        return rows
+
+    def exec_token(self, token: str) -> ExecToken:
+        """Spend a single-use token. KeyError unknown; TokenSpent / TokenExpired otherwise."""
+        entry = self.tokens[token]
+        if entry.spent:
+            raise TokenSpent(token)
+        if self.clock() - entry.created > TOKEN_LIFETIME:
+            raise TokenExpired(token)
+        entry.spent = True
+        return entry
+
+
+class TokenSpent(Exception):
+    pass
+
+
+class TokenExpired(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    """Raised inside the TaskGroup to unwind it after an orderly stop."""
+
+
+def _site_url(runner: web.AppRunner) -> str | None:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            return f"http://{host}:{port}"
+    return None
+

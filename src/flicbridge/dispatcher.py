@@ -1,0 +1,320 @@
+"""The dispatcher: delivers committed outbox rows to their sinks, at least once.
+
+- A lane is one (sink, alert key): its rows go strictly in id order, one at a time, so a
+  close never overtakes its open. Lanes never wait for each other; a lane exists only
+  while it has rows, as one task in the dispatcher's TaskGroup.
+- Every sink has a token bucket (its ``rate`` and ``burst``) shared by its lanes, and a
+  pause: a 429 stops the whole sink until its Retry-After (or backoff) has passed.
+- Retry or dead-letter is decided by ``delivery.classify``; the delay by
+  ``delivery.next_delay`` (full jitter, Retry-After as a minimum). Rows older than
+  ``max_age`` are dead-lettered, never dropped. Every outcome is written to the store
+  before the lane moves on, so nothing undelivered lives only in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import aiohttp
+import structlog
+
+from flicbridge.delivery import Outcome, attempt, next_delay
+from flicbridge.sinks.base import Sink
+from flicbridge.store import OutboxRow, Store
+
+log = structlog.get_logger(__name__)
+
+
+class DeliveryListener(Protocol):
+    """Told of every attempt's outcome (metrics, local alerts, status)."""
+
+    def delivered(self, row: OutboxRow, outcome: Outcome, latency: float) -> None: ...
+
+    def retrying(self, row: OutboxRow, outcome: Outcome, delay: float) -> None: ...
+
+    def dead(self, row: OutboxRow, outcome: Outcome) -> None: ...
+
+
+@dataclass
+class SinkGate:
+    """Pacing and pause state of one sink, shared by all its lanes."""
+
+    rate: float
+    burst: int
+    tokens: float = 0.0
+    updated: float = 0.0
+    paused_until: float = 0.0
+    last_success: float | None = None
+    last_error: str | None = None
+    failing_since: float | None = None
+
+    def wait_for_token(self, now: float) -> float:
+        """Take a token if one is there (return 0) or say how long until one is."""
+        if self.updated == 0.0:
+            self.tokens, self.updated = float(self.burst), now
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass
+class Lane:
+    rows: deque[OutboxRow] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Dispatcher:
+    """Owns every delivery; ``run`` until cancelled, ``add`` rows after they commit."""
+
+    def __init__(
+        self,
+        store: Store,
+        sinks: dict[str, Sink],
+        *,
+        timeout: float,
+        backoff_initial: float,
+        backoff_max: float,
+        max_age: float,
+        listener: DeliveryListener | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.sinks = sinks
+        self.timeout = timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_age = max_age
+        self.listener = listener
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.gates = {sid: SinkGate(rate=s.rate, burst=s.burst) for sid, s in sinks.items()}
+        self.lanes: dict[tuple[str, str], Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- public ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load pending rows, then deliver until cancelled."""
+        connector = aiohttp.TCPConnector(limit=64, limit_per_host=16)
+        self._session = aiohttp.ClientSession(connector=connector)
+        try:
+            self.add(await self.store.pending())
+            await asyncio.Event().wait()
+        finally:
+            await self._shutdown()
+
+    def add(self, rows: Iterable[OutboxRow]) -> None:
+        """Queue committed rows; each lane keeps id order."""
+        for row in rows:
+            if row.sink_id not in self.sinks:
+                log.warning("row_for_unknown_sink", row=row.id, sink=row.sink_id)
+                continue
+            key = (row.sink_id, row.alert_key)
+            lane = self.lanes.get(key)
+            if lane is None:
+                lane = self.lanes[key] = Lane()
+                self._spawn(key, lane)
+            if lane.rows and lane.rows[-1].id > row.id:
+                lane.rows = deque(sorted([*lane.rows, row], key=lambda r: r.id))
+            else:
+                lane.rows.append(row)
+            lane.wake.set()
+
+    def forget(self, row_id: int) -> None:
+        """An operator dropped a row: stop trying it (an attempt in flight still ends)."""
+        for lane in self.lanes.values():
+            for row in list(lane.rows):
+                if row.id == row_id:
+                    lane.rows.remove(row)
+                    lane.wake.set()
+                    return
+
+    def depth(self) -> dict[str, int]:
+        """Pending rows per sink as the dispatcher holds them."""
+        out = dict.fromkeys(self.sinks, 0)
+        for (sink_id, _), lane in self.lanes.items():
+            out[sink_id] += len(lane.rows)
+        return out
+
+    def oldest(self) -> dict[str, float | None]:
+        """Creation time of the oldest pending row per sink."""
+        out: dict[str, float | None] = dict.fromkeys(self.sinks)
+        for (sink_id, _), lane in self.lanes.items():
+            if lane.rows:
+                first = lane.rows[0].created_at
+                current = out[sink_id]
+                out[sink_id] = first if current is None else min(current, first)
+        return out
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Start no new attempt; let attempts in flight finish or time out."""
+        self._stopping = True
+        for lane in self.lanes.values():
+            lane.wake.set()
+        try:
+            async with asyncio.timeout(grace if grace is not None else self.timeout + 1):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("shutdown_abandoned_attempts", in_flight=self._in_flight)
+
+    # -- lanes -----------------------------------------------------------------------
+
+    def _spawn(self, key: tuple[str, str], lane: Lane) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._drive(key, lane), name=f"lane:{key[0]}:{key[1]}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drive(self, key: tuple[str, str], lane: Lane) -> None:
+        sink = self.sinks[key[0]]
+        gate = self.gates[key[0]]
+        bound = log.bind(sink=sink.id, alert_key=key[1])
+        try:
+            while lane.rows and not self._stopping:
+                row = lane.rows[0]
+                now = self.clock()
+                if self.max_age and now - row.created_at > self.max_age:
+                    outcome = Outcome(
+                        kind="dead",
+                        status=row.last_status,
+                        detail=f"older than max_age ({self.max_age:g} s); last error: "
+                        f"{row.last_error or 'none'}",
+                        retry_after=None,
+                        pause_sink=False,
+                    )
+                    await self._dead(bound, row, outcome)
+                    lane.rows.popleft()
+                    continue
+                wait = max(row.next_attempt_at, gate.paused_until) - now
+                if wait > 0:
+                    await self._sleep(lane, wait)
+                    continue
+                token_wait = gate.wait_for_token(now)
+                if token_wait > 0:
+                    await self._sleep(lane, token_wait)
+                    continue
+                await self._attempt(bound, sink, gate, lane, row)
+        finally:
+            if self.lanes.get(key) is lane and not lane.rows:
+                del self.lanes[key]
+            elif self.lanes.get(key) is lane and not self._stopping:
+                # Rows arrived as the loop ended: keep the lane going.
+                self._spawn(key, lane)
+
+    async def _sleep(self, lane: Lane, seconds: float) -> None:
+        lane.wake.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await lane.wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _attempt(
+        self,
+        bound: structlog.typing.FilteringBoundLogger,
+        sink: Sink,
+        gate: SinkGate,
+        lane: Lane,
+        row: OutboxRow,
+    ) -> None:
+        assert self._session is not None
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            outcome = await attempt(
+                self._session, sink, row.message, sink.config.timeout or self.timeout
+            )
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        now = self.clock()
+        attempts = row.attempts + 1
+        if outcome.kind == "delivered":
+            gate.last_success, gate.failing_since = now, None
+            await self.store.mark_delivered(row.id, outcome.status)
+            latency = now - row.message.pressed_at.timestamp()
+            bound.info(
+                "delivered",
+                row=row.id,
+                action=row.message.action,
+                status=outcome.status,
+                attempts=attempts,
+                url=sink.public_url,
+            )
+            lane.rows.popleft()
+            if self.listener:
+                self.listener.delivered(replace(row, attempts=attempts), outcome, latency)
+            return
+        gate.last_error = outcome.detail
+        if outcome.kind == "dead":
+            await self._dead(bound, replace(row, attempts=attempts), outcome)
+            lane.rows.popleft()
+            return
+        if gate.failing_since is None:
+            gate.failing_since = now
+        delay = next_delay(outcome, row.attempts, self.backoff_initial, self.backoff_max, self.rng)
+        if outcome.pause_sink:
+            gate.paused_until = max(gate.paused_until, now + delay)
+        retry_at = now + delay
+        await self.store.schedule_retry(row.id, attempts, retry_at, outcome.status, outcome.detail)
+        lane.rows[0] = replace(
+            row,
+            attempts=attempts,
+            next_attempt_at=retry_at,
+            last_status=outcome.status,
+            last_error=outcome.detail,
+        )
+        bound.warning(
+            "delivery_failed",
+            row=row.id,
+            action=row.message.action,
+            status=outcome.status,
+            detail=outcome.detail,
+            attempts=attempts,
+            retry_in=round(delay, 3),
+            url=sink.public_url,
+        )
+        if self.listener:
+            self.listener.retrying(lane.rows[0], outcome, delay)
+
+    async def _dead(
+        self, bound: structlog.typing.FilteringBoundLogger, row: OutboxRow, outcome: Outcome
+    ) -> None:
+        await self.store.dead_letter(row.id, row.attempts, outcome.status, outcome.detail)
+        bound.error(
+            "dead_lettered",
+            row=row.id,
+            action=row.message.action,
+            status=outcome.status,
+            detail=outcome.detail,
+            attempts=row.attempts,
+        )
+        if self.listener:
+            self.listener.dead(replace(row, status="dead", last_error=outcome.detail), outcome)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

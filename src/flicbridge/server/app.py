@@ -1,0 +1,387 @@
+"""The HTTP API (DESIGN.md §10): health, metrics, status, signals, ingest, outbox.
+
+Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx; bodies over 64 KiB get
+413; nothing a client sends can produce a 500 or stop the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flicbridge import __version__
+from flicbridge.domain import Signal, SignalState, utcnow
+
+if TYPE_CHECKING:
+    from flicbridge.app import Bridge
+    from flicbridge.config import ButtonConfig
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY = 64 * 1024
+BRIDGE: web.AppKey[Bridge] = web.AppKey("bridge")
+COMMIT_WAIT = 30.0  # seconds a request waits for its commit before answering 503
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, message: str, detail: Any = None) -> web.Response:
+    """The one error shape of the API."""
+    return web.json_response({"error": message, "detail": detail}, status=status)
+
+
+class ApiError(Exception):
+    """Raised by handlers; rendered by the middleware as a JSON error."""
+
+    def __init__(self, status: int, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400/413 ApiError."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "body too large", f"at most {MAX_BODY} bytes") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "body is not valid JSON", str(exc)) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: Any) -> M:
+    """Validate a JSON body against a pydantic model, or a 400 ApiError with every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]}
+            for e in exc.errors()
+        ]
+        raise ApiError(400, "invalid body", problems) from None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error(exc.status, exc.message, exc.detail)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "body too large", f"at most {MAX_BODY} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason, None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("http_handler_failed", path=request.path)
+        return error(503, "internal error", "logged by the bridge")
+
+
+def _token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    cookie = request.cookies.get("flicbridge_token")
+    if cookie:
+        return cookie
+    return request.query.get("token")
+
+
+def _requires_token(request: web.Request) -> bool:
+    path = request.path
+    return path.startswith("/api/v1/") or path == "/"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _requires_token(request):
+        configured = request.app[BRIDGE].config.server.token
+        if configured is None:
+            return error(403, "API disabled", "set [server] token to use /api/v1 and /")
+        given = _token(request)
+        if given is None:
+            return error(401, "missing token", "Authorization: Bearer TOKEN, or ?token=")
+        if not hmac.compare_digest(given.encode(), configured.get_secret_value().encode()):
+            return error(401, "wrong token", None)
+    return await handler(request)
+
+
+# -- bodies ----------------------------------------------------------------------------
+
+
+class SignalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: Literal["On", "Off"]
+    info: str = Field("", max_length=2000)
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _case(cls, value: Any) -> Any:
+        return value.capitalize() if isinstance(value, str) else value
+
+
+class IngestBody(BaseModel):
+    """The AlertOps-style body of seed 002 (Flic app "HTTP request", Flic Hub module)."""
+
+    model_config = ConfigDict(extra="ignore")
+    flic_nameId: str = Field(min_length=1, max_length=255)  # noqa: N815 - the wire name
+    flic_state: Literal["On", "Off"]
+    info: str = Field("", max_length=2000)
+
+    @field_validator("flic_state", mode="before")
+    @classmethod
+    def _case(cls, value: Any) -> Any:
+        return value.strip().capitalize() if isinstance(value, str) else value
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any]:
+    """Submit a signal and wait for its commit; JSON of the decision."""
+    from flicbridge.app import NotAccepting, UnknownButton
+
+    try:
+        future = bridge.submit(signal, **kwargs)
+    except NotAccepting:
+        raise ApiError(503, "shutting down", None) from None
+    except UnknownButton:
+        raise ApiError(404, "unknown button", signal.button_id) from None
+    try:
+        async with asyncio.timeout(COMMIT_WAIT):
+            accepted = await asyncio.shield(future)
+    except TimeoutError:
+        raise ApiError(
+            503, "store is slow", "the signal is decided and held; its commit is pending"
+        ) from None
+    except Exception as exc:
+        raise ApiError(503, "store unavailable", str(exc)) from None
+    return {
+        "event": accepted.event_id,
+        "decision": accepted.decision.value,
+        "rows": len(accepted.rows),
+        "duplicate": accepted.duplicate,
+    }
+
+
+def find_button(bridge: Bridge, name: str) -> ButtonConfig | None:
+    """A button by id, ingest_name, name_id or alert key (case-insensitive)."""
+    wanted = name.strip().casefold()
+    for button in bridge.config.buttons:
+        names = {button.id, button.ingest_name, button.name_id, bridge.config.alert_key(button)}
+        if wanted in {n.casefold() for n in names if n}:
+            return button
+    return None
+
+
+# -- handlers --------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+def readiness(bridge: Bridge) -> list[str]:
+    """Why the bridge is not ready; empty when it is."""
+    reasons = []
+    if not bridge.health.store_ok:
+        reasons.append(f"store cannot commit: {bridge.health.store_error}")
+    for source, up in bridge.health.source_up.items():
+        if not up:
+            detail = bridge.health.source_detail.get(source, "")
+            reasons.append(f"{source} not connected: {detail}")
+    if not bridge.accepting:
+        reasons.append("not accepting signals (starting or stopping)")
+    return reasons
+
+
+async def readyz(request: web.Request) -> web.Response:
+    reasons = readiness(request.app[BRIDGE])
+    return web.json_response({"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[BRIDGE].metrics.render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def status_json(bridge: Bridge) -> dict[str, Any]:
+    """The status document shared by the API, the page and ``flicbridge status``."""
+    counts = await bridge.store.counts()
+    depth = bridge.dispatcher.depth()
+    buttons = []
+    for button in bridge.config.buttons:
+        key = bridge.config.alert_key(button)
+        state = bridge.states.get(key)
+        link = bridge.buttons[button.id]
+        buttons.append(
+            {
+                "id": button.id,
+                "name": button.display_name,
+                "alert_key": key,
+                "source": button.source,
+                "state": "open" if state and state.is_open else "closed",
+                "opened_at": state.opened_at.isoformat() if state and state.opened_at else None,
+                "last_press": link.last_press,
+                "last_decision": link.last_decision,
+                "connected": link.connected,
+                "link_detail": link.detail,
+                "battery": link.battery,
+                "sinks": [s.id for s in bridge.config.sinks_of(button)],
+            }
+        )
+    sinks = []
+    for sink_id, sink in bridge.sinks.items():
+        gate = bridge.dispatcher.gates[sink_id]
+        sinks.append(
+            {
+                "id": sink_id,
+                "type": sink.type,
+                "url": sink.public_url,
+                "pending": depth.get(sink_id, 0),
+                "dead": counts.get(sink_id, {}).get("dead", 0),
+                "delivered_kept": counts.get(sink_id, {}).get("delivered", 0),
+                "last_success": gate.last_success,
+                "last_error": gate.last_error,
+                "paused_until": gate.paused_until or None,
+            }
+        )
+    return {
+        "version": __version__,
+        "site": bridge.config.site,
+        "uptime_s": round(bridge.clock() - bridge.started_at, 1),
+        "ready": not readiness(bridge),
+        "reasons": readiness(bridge),
+        "store": {"path": str(bridge.store.path), "ok": bridge.health.store_ok},
+        "sources": {
+            name: {"connected": up, "detail": bridge.health.source_detail.get(name, "")}
+            for name, up in bridge.health.source_up.items()
+        },
+        "buttons": buttons,
+        "sinks": sinks,
+    }
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(await status_json(request.app[BRIDGE]))
+
+
+async def button_signal(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    button_id = request.match_info["id"]
+    if bridge.config.button(button_id) is None:
+        raise ApiError(404, "unknown button", button_id)
+    body = parse(SignalBody, await read_json(request))
+    signal = Signal(
+        button_id=button_id,
+        state=SignalState(body.state),
+        origin="api",
+        received_at=utcnow(),
+        info=body.info,
+    )
+    return web.json_response(await accept(bridge, signal), status=202)
+
+
+async def ingest_flic(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    body = parse(IngestBody, await read_json(request))
+    button = find_button(bridge, body.flic_nameId)
+    if button is None:
+        raise ApiError(404, "unknown flic_nameId", body.flic_nameId)
+    signal = Signal(
+        button_id=button.id,
+        state=SignalState(body.flic_state),
+        origin="ingest",
+        received_at=utcnow(),
+        info=body.info,
+    )
+    return web.json_response(await accept(bridge, signal), status=202)
+
+
+def row_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "sink": row.sink_id,
+        "alert_key": row.alert_key,
+        "action": row.message.action,
+        "state": row.message.state.value,
+        "button": row.message.button_id,
+        "event": row.message.event,
+        "status": row.status,
+        "attempts": row.attempts,
+        "created_at": row.created_at,
+        "next_attempt_at": row.next_attempt_at,
+        "last_status": row.last_status,
+        "last_error": row.last_error,
+    }
+
+
+async def outbox(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    pending = await bridge.store.rows("pending", 500)
+    dead = await bridge.store.rows("dead", 500)
+    return web.json_response(
+        {"pending": [row_json(r) for r in pending], "dead": [row_json(r) for r in dead]}
+    )
+
+
+def _row_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["row"])
+    except ValueError:
+        raise ApiError(400, "row id must be a number", request.match_info["row"]) from None
+
+
+async def outbox_retry(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    raw = request.match_info["row"]
+    rows = await bridge.requeue(None if raw == "dead" else _row_id(request))
+    if not rows and raw != "dead":
+        raise ApiError(404, "no dead row with that id", raw)
+    return web.json_response({"requeued": [r.id for r in rows]})
+
+
+async def outbox_drop(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    row_id = _row_id(request)
+    if not await bridge.store.drop(row_id):
+        raise ApiError(404, "no pending or dead row with that id", row_id)
+    bridge.dispatcher.forget(row_id)
+    return web.json_response({"dropped": row_id})
+
+
+RouteAdder = Callable[[web.Application], None]
+EXTRA_ROUTES: list[RouteAdder] = []  # features register their routes here (callbacks, page)
+
+
+def build_app(bridge: Bridge) -> web.Application:
+    """The aiohttp application for one bridge."""
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY
+    )
+    app[BRIDGE] = bridge
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_post("/api/v1/buttons/{id}/signal", button_signal)
+    app.router.add_post("/api/v1/ingest/flic", ingest_flic)
+    app.router.add_get("/api/v1/outbox", outbox)
+    app.router.add_post("/api/v1/outbox/{row}/retry", outbox_retry)
+    app.router.add_delete("/api/v1/outbox/{row}", outbox_drop)
+    for add in EXTRA_ROUTES:
+        add(app)
+    return app

@@ -1,0 +1,64 @@
+"""What a sink is: it builds the HTTP request for a Message and, where its platform
+needs it, reads a 2xx body. Retries, backoff, pacing and bookkeeping belong to the
+dispatcher; the retry-or-dead decision for an HTTP outcome lives in ``delivery``."""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from flicbridge import __version__
+from flicbridge.config import SinkConfig
+from flicbridge.domain import Message
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One HTTP attempt, fully built: the dispatcher sends it as it is."""
+
+    method: str
+    url: str
+    json: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def public_url(url: str) -> str:
+    """The part of a URL that may be logged: scheme://host[:port] (keys hide in paths/queries)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+class Sink(ABC):
+    """One configured destination. Subclasses set ``type`` and ``default_rate``."""
+
+    type: ClassVar[str]
+    default_rate: ClassVar[float]  # messages per second, under the platform's published limit
+
+    def __init__(self, config: SinkConfig, *, site: str | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.site = site or ""
+        self.source_name = site or socket.gethostname()
+        self.rate = config.rate or self.default_rate
+        self.burst = config.burst
+        self.url = config.url.get_secret_value()
+        self.public_url = public_url(self.url)
+        self.version = __version__
+
+    def headers(self) -> dict[str, str]:
+        """The configured extra headers, secrets resolved."""
+        return {k: v.get_secret_value() for k, v in self.config.headers.items()}
+
+    @abstractmethod
+    def build(self, message: Message) -> HttpRequest:
+        """The request that delivers ``message`` to this platform."""
+
+    def success_error(self, status: int, body: bytes) -> str | None:
+        """For a 2xx answer: None if it is a success, else why it is a permanent failure."""
+        return None

@@ -1,0 +1,582 @@
+"""The durable outbox: events, alert state and undelivered rows in one SQLite file.
+
+Invariants:
+- Every write goes through one writer thread that owns the connection; the event loop
+  never touches SQLite. Operations queued together share one transaction and one fsync
+  (group commit), in the order they were queued.
+- ``commit_event`` writes a press's (or callback's) event, the alert state it leaves and
+  one outbox row per sink in ONE transaction; the caller treats the press as accepted only
+  when that future resolves. WAL + synchronous=FULL: a resolved commit survives kill -9
+  and power loss.
+- An outbox row is ``pending`` until it is ``delivered`` or ``dead``; nothing pending is
+  deleted. Delivered rows are trimmed to the newest ``history``; dead rows stay until an
+  operator drops or re-queues them.
+- Rows of one (sink, alert key) are delivered in id order (the dispatcher reads them so).
+- When a commit fails (disk full, read-only, I/O error) the batch is kept in memory and
+  retried with backoff; the health callback says so. The store file is never deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from flicbridge.domain import Message
+from flicbridge.state import AlertState
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    button_id TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    state TEXT NOT NULL,
+    click TEXT NOT NULL DEFAULT '',
+    decision TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    pressed_at TEXT NOT NULL,
+    delay_s REAL NOT NULL DEFAULT 0,
+    queued INTEGER NOT NULL DEFAULT 0,
+    info TEXT NOT NULL DEFAULT '',
+    actor TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_key TEXT PRIMARY KEY,
+    button_id TEXT NOT NULL,
+    is_open INTEGER NOT NULL,
+    opened_at TEXT,
+    last_on_sent_at TEXT,
+    last_event INTEGER,
+    updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL,
+    sink_id TEXT NOT NULL,
+    alert_key TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (status, sink_id, alert_key, id);
+CREATE TABLE IF NOT EXISTS callbacks (
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (source, event_id)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be used (corrupt, unreadable, wrong file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A press or callback as recorded, with the decision made for it."""
+
+    button_id: str
+    alert_key: str
+    origin: str
+    state: str
+    click: str
+    decision: str
+    received_at: datetime
+    pressed_at: datetime
+    delay_s: float
+    queued: bool
+    info: str
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One message for one sink, as the dispatcher sees it."""
+
+    id: int
+    sink_id: str
+    alert_key: str
+    message: Message
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    status: str = "pending"
+    last_status: int | None = None
+    last_error: str | None = None
+    done_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What ``commit_event`` wrote: the event id and its outbox rows (empty if none)."""
+
+    event_id: int
+    rows: tuple[OutboxRow, ...]
+    duplicate: bool = False  # a callback whose event id was seen before: nothing written
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _row(r: sqlite3.Row) -> OutboxRow:
+    return OutboxRow(
+        id=r["id"],
+        sink_id=r["sink_id"],
+        alert_key=r["alert_key"],
+        message=Message.from_json(json.loads(r["payload"])),
+        attempts=r["attempts"],
+        created_at=r["created_at"],
+        next_attempt_at=r["next_attempt_at"],
+        status=r["status"],
+        last_status=r["last_status"],
+        last_error=r["last_error"],
+        done_at=r["done_at"],
+    )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the store file with the pragmas every connection needs; check it is a store."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{path}: not a usable SQLite store ({exc}); it was left untouched — move it "
+            "aside or restore a backup, then start again"
+        ) from None
+    if check != "ok":
+        conn.close()
+        raise StoreError(f"{path}: the store is damaged ({check}); it was left untouched")
+    return conn
+
+
+class Store:
+    """Async facade over the writer thread. Create, ``await open()``, use, ``await close()``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        history: int = 10_000,
+        on_health: Callable[[bool, str], None] | None = None,
+        max_batch: int = 512,
+    ) -> None:
+        self.path = path
+        self.history = history
+        self.max_batch = max_batch
+        self.healthy = True
+        self.last_error = ""
+        self.commits = 0
+        self._on_health = on_health
+        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._stop_retrying = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file and schema if needed, then start the writer thread."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.path.parent}: cannot create the store folder: {exc}") from None
+        self._conn = await asyncio.to_thread(self._open_sync)
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _open_sync(self) -> sqlite3.Connection:
+        conn = connect(self.path)
+        try:
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
+        return conn
+
+    async def close(self) -> None:
+        """Finish queued work, stop the thread, close the file."""
+        if self._thread is None:
+            return
+        self._stop_retrying.set()
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _writer(self) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
+    ) -> None:
+        delay = 0.05
+        while True:
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for op, future in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = op(conn)
+                    except sqlite3.OperationalError:
+                        raise  # disk trouble: the whole batch waits and retries
+                    except Exception as exc:  # one bad operation must not sink the batch
+                        conn.execute("ROLLBACK TO op")
+                        results.append((future, None, exc))
+                    else:
+                        results.append((future, value, None))
+                    conn.execute("RELEASE op")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self._report(False, f"{type(exc).__name__}: {exc}")
+                if self._stop_retrying.wait(delay):
+                    for _, future in batch:
+                        self._resolve(future, None, StoreError(f"store unavailable: {exc}"))
+                    return
+                delay = min(delay * 2, 5.0)
+                continue
+            self.commits += 1
+            if not self.healthy:
+                self._report(True, "")
+            for future, value, error in results:
+                self._resolve(future, value, error)
+            return
+
+    def _report(self, healthy: bool, error: str) -> None:
+        changed = healthy != self.healthy
+        self.healthy = healthy
+        self.last_error = error
+        if changed and self._on_health is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_health, healthy, error)
+
+    def _resolve(self, future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        self._loop.call_soon_threadsafe(settle)
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``op`` for the writer thread; the future resolves after its commit."""
+        if self._thread is None or self._loop is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((op, future))
+        return future
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(op)
+
+    # -- operations ------------------------------------------------------------------
+
+    def commit_event(
+        self,
+        event: EventRecord,
+        alert: AlertState,
+        messages: Iterable[tuple[str, Message]],
+        *,
+        callback: tuple[str, str] | None = None,
+    ) -> asyncio.Future[Committed]:
+        """Write an event, its alert state and one pending row per (sink id, message).
+
+        ``messages`` may refer to the event id through ``Message.event`` = 0: the row's
+        payload gets the real id. With ``callback`` = (source, event id) a repeat of a
+        callback already recorded writes nothing and returns ``duplicate=True``.
+        """
+        pending = list(messages)
+
+        def op(conn: sqlite3.Connection) -> Committed:
+            if callback is not None:
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO callbacks (source, event_id, received_at)"
+                    " VALUES (?, ?, ?)",
+                    (callback[0], callback[1], time.time()),
+                ).rowcount
+                if not inserted:
+                    return Committed(event_id=0, rows=(), duplicate=True)
+            cur = conn.execute(
+                "INSERT INTO events (button_id, alert_key, origin, state, click, decision,"
+                " received_at, pressed_at, delay_s, queued, info, actor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.button_id,
+                    event.alert_key,
+                    event.origin,
+                    event.state,
+                    event.click,
+                    event.decision,
+                    event.received_at.isoformat(),
+                    event.pressed_at.isoformat(),
+                    event.delay_s,
+                    int(event.queued),
+                    event.info,
+                    event.actor,
+                ),
+            )
+            event_id = int(cur.lastrowid or 0)
+            _save_alert(conn, alert, event_id)
+            now = time.time()
+            rows = []
+            for sink_id, message in pending:
+                message = replace(message, event=event_id)
+                cur = conn.execute(
+                    "INSERT INTO outbox (event_id, sink_id, alert_key, payload, created_at,"
+                    " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (event_id, sink_id, message.alert_key, json.dumps(message.to_json()), now, now),
+                )
+                rows.append(
+                    OutboxRow(
+                        id=int(cur.lastrowid or 0),
+                        sink_id=sink_id,
+                        alert_key=message.alert_key,
+                        message=message,
+                        attempts=0,
+                        created_at=now,
+                        next_attempt_at=now,
+                    )
+                )
+            return Committed(event_id=event_id, rows=tuple(rows))
+
+        return self.submit(op)
+
+    def mark_delivered(self, row_id: int, status: int | None) -> asyncio.Future[None]:
+        """The row reached its sink; keep it as bounded history."""
+        history = self.history
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET status = 'delivered', last_status = ?, last_error = NULL,"
+                " done_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (status, time.time(), row_id),
+            )
+            # Trim history now and then, not on every delivery.
+            if row_id % 64 == 0:
+                conn.execute(
+                    "DELETE FROM outbox WHERE status = 'delivered' AND id NOT IN"
+                    " (SELECT id FROM outbox WHERE status = 'delivered'"
+                    "  ORDER BY id DESC LIMIT ?)",
+                    (history,),
+                )
+
+        return self.submit(op)
+
+    def schedule_retry(
+        self, row_id: int, attempts: int, next_attempt_at: float, status: int | None, error: str
+    ) -> asyncio.Future[None]:
+        """An attempt failed and may be retried at ``next_attempt_at`` (epoch seconds)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_status = ?,"
+                " last_error = ? WHERE id = ? AND status = 'pending'",
+                (attempts, next_attempt_at, status, error, row_id),
+            )
+
+        return self.submit(op)
+
+    def dead_letter(
+        self, row_id: int, attempts: int, status: int | None, error: str
+    ) -> asyncio.Future[None]:
+        """The row can never be delivered as it is: keep it, loudly, for an operator."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET status = 'dead', attempts = ?, last_status = ?,"
+                " last_error = ?, done_at = ? WHERE id = ? AND status = 'pending'",
+                (attempts, status, error, time.time(), row_id),
+            )
+
+        return self.submit(op)
+
+    async def pending(self) -> list[OutboxRow]:
+        """Every pending row in id order (start-up and re-queue)."""
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            cur = conn.execute("SELECT * FROM outbox WHERE status = 'pending' ORDER BY id")
+            return [_row(r) for r in cur]
+
+        return await self.run(op)
+
+    async def alerts(self) -> dict[str, AlertState]:
+        """Alert state as last committed, by alert key."""
+        return await self.run(load_alerts)
+
+    async def rows(self, status: str, limit: int = 100) -> list[OutboxRow]:
+        """Newest rows of a status (pending, dead, delivered) for the status API."""
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            cur = conn.execute(
+                "SELECT * FROM outbox WHERE status = ? ORDER BY id DESC LIMIT ?", (status, limit)
+            )
+            return [_row(r) for r in cur]
+
+        return await self.run(op)
+
+    async def requeue(self, row_id: int | None) -> list[OutboxRow]:
+        """Make a dead row (or every dead row with None) pending again; return them."""
+        return await self.run(lambda conn: requeue_dead(conn, row_id))
+
+    async def drop(self, row_id: int) -> bool:
+        """Delete a dead or pending row an operator gave up on."""
+        return await self.run(lambda conn: drop_row(conn, row_id))
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Row counts by sink and status."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for r in conn.execute(
+                "SELECT sink_id, status, COUNT(*) AS n FROM outbox GROUP BY sink_id, status"
+            ):
+                out.setdefault(r["sink_id"], {})[r["status"]] = r["n"]
+            return out
+
+        return await self.run(op)
+
+    async def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+            return [dict(r) for r in cur]
+
+        return await self.run(op)
+
+
+def _save_alert(conn: sqlite3.Connection, alert: AlertState, event_id: int) -> None:
+    conn.execute(
+        "INSERT INTO alerts (alert_key, button_id, is_open, opened_at, last_on_sent_at,"
+        " last_event, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (alert_key) DO UPDATE SET button_id = excluded.button_id,"
+        " is_open = excluded.is_open, opened_at = excluded.opened_at,"
+        " last_on_sent_at = excluded.last_on_sent_at, last_event = excluded.last_event,"
+        " updated_at = excluded.updated_at",
+        (
+            alert.alert_key,
+            alert.button_id,
+            int(alert.is_open),
+            _iso(alert.opened_at),
+            _iso(alert.last_on_sent_at),
+            event_id,
+            _iso(alert.updated_at),
+        ),
+    )
+
+
+def load_alerts(conn: sqlite3.Connection) -> dict[str, AlertState]:
+    return {
+        r["alert_key"]: AlertState(
+            alert_key=r["alert_key"],
+            button_id=r["button_id"],
+            is_open=bool(r["is_open"]),
+            opened_at=_dt(r["opened_at"]),
+            last_on_sent_at=_dt(r["last_on_sent_at"]),
+            last_event=r["last_event"],
+            updated_at=_dt(r["updated_at"]),
+        )
+        for r in conn.execute("SELECT * FROM alerts")
+    }
+
+
+def requeue_dead(conn: sqlite3.Connection, row_id: int | None) -> list[OutboxRow]:
+    """Dead → pending, attempts reset, due now. Works from the CLI's own connection too."""
+    now = time.time()
+    if row_id is None:
+        ids = [r["id"] for r in conn.execute("SELECT id FROM outbox WHERE status = 'dead'")]
+    else:
+        ids = [
+            r["id"]
+            for r in conn.execute(
+                "SELECT id FROM outbox WHERE status = 'dead' AND id = ?", (row_id,)
+            )
+        ]
+    for rid in ids:
+        conn.execute(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+            " created_at = ?, done_at = NULL WHERE id = ?",
+            (now, now, rid),
+        )
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    cur = conn.execute(f"SELECT * FROM outbox WHERE id IN ({marks}) ORDER BY id", ids)
+    return [_row(r) for r in cur]
+
+
+def drop_row(conn: sqlite3.Connection, row_id: int) -> bool:
+    return (
+        conn.execute(
+            "DELETE FROM outbox WHERE id = ? AND status IN ('dead', 'pending')", (row_id,)
+        ).rowcount
+        > 0
+    )
