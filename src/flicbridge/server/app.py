@@ -363,10 +363,6 @@ async def outbox_drop(request: web.Request) -> web.Response:
     return web.json_response({"dropped": row_id})
 
 
-RouteAdder = Callable[[web.Application], None]
-EXTRA_ROUTES: list[RouteAdder] = []  # features register their routes here (callbacks, page)
-
-
 def build_app(bridge: Bridge) -> web.Application:
     """The aiohttp application for one bridge."""
     app = web.Application(
@@ -382,6 +378,11 @@ def build_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_post("/api/v1/outbox/{row}/retry", outbox_retry)
     app.router.add_delete("/api/v1/outbox/{row}", outbox_drop)
-    for add in EXTRA_ROUTES:
-        add(app)
+    # Features with routes of their own, registered by hand in one place.
+    from flicbridge.server import callbacks, local, openapi, page
+
+    callbacks.add_routes(app)
+    local.add_routes(app)
+    page.add_routes(app)
+    openapi.add_routes(app)  # last: it describes every route added before it
     return app
