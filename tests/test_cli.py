@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -65,7 +64,7 @@ async def test_check_config_ok_and_bad(tmp_path: Path, receiver: Receiver) -> No
     path = write_config(tmp_path, receiver.url)
     code, out, _ = await cli("check-config", "--config", str(path))
     assert code == 0 and "1 button(s), 1 sink(s)" in out
-    path.write_text(path.read_text() + '\n[alerts]\nsupress_repeat_for = 5\n[delivery2]\nx = 1\n')
+    path.write_text(path.read_text() + "\n[alerts]\nsupress_repeat_for = 5\n[delivery2]\nx = 1\n")
     code, out, err = await cli("check-config", "--config", str(path))
     assert code == 2
     assert "alerts.supress_repeat_for: unknown key" in err
@@ -98,8 +97,12 @@ async def test_corrupt_store_refuses_to_start(tmp_path: Path, receiver: Receiver
 
 async def start_daemon(config: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *EXE, "run", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *EXE,
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -116,9 +119,14 @@ async def wait_healthy(port: int) -> None:
 
 
 async def signal_on(port: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://127.0.0.1:{port}/api/v1/buttons/desk/signal", json={"state": "On"}, headers=auth()
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/api/v1/buttons/desk/signal",
+            json={"state": "On"},
+            headers=auth(),
+        ) as r,
+    ):
         assert r.status == 202
         body: dict[str, Any] = await r.json()
         return body
@@ -135,7 +143,9 @@ async def test_sigterm_stops_cleanly(tmp_path: Path, receiver: Receiver) -> None
     async with asyncio.timeout(15):
         _, err = await proc.communicate()
     assert proc.returncode == 0
-    events = [json.loads(line)["event"] for line in err.decode().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line)["event"] for line in err.decode().splitlines() if line.startswith("{")
+    ]
     assert "accepted" in events and events[-1] == "stopped"
 
 
@@ -192,4 +202,4 @@ async def test_send_through_running_daemon(tmp_path: Path, receiver: Receiver) -
     finally:
         proc.terminate()
         await proc.communicate()
-    assert os.path.exists(tmp_path / "state" / "fb.db")
+    assert (tmp_path / "state" / "fb.db").exists()

@@ -68,7 +68,9 @@ async def test_press_open_append_close(tmp_path: Path, sim: Simulator, receiver:
         assert decisions == ["open", "appended", "close"]
 
 
-async def test_outage_is_retried_in_order(tmp_path: Path, sim: Simulator, receiver: Receiver) -> None:
+async def test_outage_is_retried_in_order(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
     """During a 5xx outage open and close stay queued; afterwards they arrive open first."""
     receiver.default = (503, "<html>down</html>", {})
     config = flicd_config(tmp_path, sim, receiver)
@@ -95,9 +97,14 @@ async def test_permanent_failure_dead_letters_and_lane_moves_on(
 ) -> None:
     """A 400 dead-letters the row (with the platform's message) and the close still goes."""
     receiver.script.extend([(400, {"message": "bad flic_nameId"}, {})])
-    config = flicd_config(tmp_path, sim, receiver, sinks=[
-        {"id": "ao", "type": "alertops", "url": f"{receiver.url}/POSTAlert/SECRETKEY/Flic"},
-    ])
+    config = flicd_config(
+        tmp_path,
+        sim,
+        receiver,
+        sinks=[
+            {"id": "ao", "type": "alertops", "url": f"{receiver.url}/POSTAlert/SECRETKEY/Flic"},
+        ],
+    )
     async with running(config) as bridge:
         await connected(bridge, "alpha")
         sub = bridge.alerts_bus.subscribe("HIGH")
@@ -126,9 +133,14 @@ async def test_a_hanging_key_does_not_block_another(
     """One alert key's hung attempt does not delay another key's press on the same sink."""
     receiver.script.append("hang")
     receiver.hang_for = 5
-    config = flicd_config(tmp_path, sim, receiver, sinks=[
-        {"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"},
-    ])
+    config = flicd_config(
+        tmp_path,
+        sim,
+        receiver,
+        sinks=[
+            {"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"},
+        ],
+    )
     async with running(config) as bridge:
         await connected(bridge, "alpha", "bravo")
         sim.press(A, "single")
@@ -138,12 +150,19 @@ async def test_a_hanging_key_does_not_block_another(
         assert got[1].body["alert_key"] == "bravo"
 
 
-async def test_retry_after_pauses_the_sink(tmp_path: Path, sim: Simulator, receiver: Receiver) -> None:
+async def test_retry_after_pauses_the_sink(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
     """A 429 with Retry-After holds every lane of the sink at least that long."""
     receiver.script.append((429, {"error": "slow down"}, {"Retry-After": "1"}))
-    config = flicd_config(tmp_path, sim, receiver, sinks=[
-        {"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"},
-    ])
+    config = flicd_config(
+        tmp_path,
+        sim,
+        receiver,
+        sinks=[
+            {"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"},
+        ],
+    )
     async with running(config) as bridge:
         await connected(bridge, "alpha", "bravo")
         loop = asyncio.get_running_loop()
@@ -155,7 +174,9 @@ async def test_retry_after_pauses_the_sink(tmp_path: Path, sim: Simulator, recei
         assert loop.time() - t429 >= 0.9
 
 
-async def test_late_press_keeps_its_real_time(tmp_path: Path, sim: Simulator, receiver: Receiver) -> None:
+async def test_late_press_keeps_its_real_time(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
     """A press flicd queued out of range arrives stamped with its delay and real time."""
     async with running(flicd_config(tmp_path, sim, receiver)) as bridge:
         await connected(bridge, "alpha")
@@ -167,7 +188,9 @@ async def test_late_press_keeps_its_real_time(tmp_path: Path, sim: Simulator, re
         assert events[0]["queued"] == 1 and events[0]["delay_s"] >= 120
 
 
-async def test_max_press_age_drops_old_presses(tmp_path: Path, sim: Simulator, receiver: Receiver) -> None:
+async def test_max_press_age_drops_old_presses(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
     """With max_press_age set, a press queued for longer is dropped with a warning."""
     config = flicd_config(tmp_path, sim, receiver, alerts={"max_press_age": 60})
     async with running(config) as bridge:
@@ -195,15 +218,26 @@ async def test_state_survives_restart(tmp_path: Path, sim: Simulator, receiver: 
         assert events[0]["decision"] == "close"
 
 
-async def test_max_age_dead_letters_old_rows(tmp_path: Path, sim: Simulator, receiver: Receiver) -> None:
+async def test_max_age_dead_letters_old_rows(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
     """A row still undelivered after max_age is dead-lettered, never silently dropped."""
     receiver.default = (503, "down", {})
     offset = [0.0]
     import time
 
-    config = flicd_config(tmp_path, sim, receiver, delivery={
-        "timeout": 1, "backoff_initial": 0.05, "backoff_max": 0.1, "max_age": 3600,
-    }, sinks=[{"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"}])
+    config = flicd_config(
+        tmp_path,
+        sim,
+        receiver,
+        delivery={
+            "timeout": 1,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.1,
+            "max_age": 3600,
+        },
+        sinks=[{"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"}],
+    )
     async with running(config, clock=lambda: time.time() + offset[0]) as bridge:
         await connected(bridge, "alpha")
         sim.press(A, "single")

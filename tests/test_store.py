@@ -15,11 +15,15 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def event(decision: str = "open") -> EventRecord:
-    return EventRecord("b", "b", "press", "On", "single_click", decision, NOW, NOW, 0.0, False, "", "")
+    return EventRecord(
+        "b", "b", "press", "On", "single_click", decision, NOW, NOW, 0.0, False, "", ""
+    )
 
 
 def message() -> Message:
-    return Message("b", "b", "B", "b", "", SignalState.ON, "open", "single_click", NOW, 0.0, "", "critical", 0)
+    return Message(
+        "b", "b", "B", "b", "", SignalState.ON, "open", "single_click", NOW, 0.0, "", "critical", 0
+    )
 
 
 async def test_event_state_and_rows_commit_together(tmp_path: Path) -> None:
@@ -27,7 +31,9 @@ async def test_event_state_and_rows_commit_together(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     await store.open()
     committed = await store.commit_event(
-        event(), AlertState("b", "b", is_open=True, opened_at=NOW), [("s1", message()), ("s2", message())]
+        event(),
+        AlertState("b", "b", is_open=True, opened_at=NOW),
+        [("s1", message()), ("s2", message())],
     )
     await store.close()
     conn = sqlite3.connect(tmp_path / "s.db")
@@ -43,7 +49,9 @@ async def test_concurrent_commits_share_transactions(tmp_path: Path) -> None:
     """Presses that arrive together share commits (group commit), each still resolved."""
     store = Store(tmp_path / "s.db")
     await store.open()
-    futures = [store.commit_event(event(), AlertState("b", "b"), [("s", message())]) for _ in range(200)]
+    futures = [
+        store.commit_event(event(), AlertState("b", "b"), [("s", message())]) for _ in range(200)
+    ]
     results = await asyncio.gather(*futures)
     assert len({r.event_id for r in results}) == 200
     assert store.commits < 200
@@ -54,7 +62,9 @@ async def test_state_survives_reopen(tmp_path: Path) -> None:
     """Alert state and pending rows are there after a restart."""
     store = Store(tmp_path / "s.db")
     await store.open()
-    await store.commit_event(event(), AlertState("b", "b", is_open=True, opened_at=NOW), [("s", message())])
+    await store.commit_event(
+        event(), AlertState("b", "b", is_open=True, opened_at=NOW), [("s", message())]
+    )
     await store.close()
     store = Store(tmp_path / "s.db")
     await store.open()
@@ -78,7 +88,9 @@ async def test_dead_letter_requeue_and_drop(tmp_path: Path) -> None:
     """Dead rows stay until re-queued or dropped."""
     store = Store(tmp_path / "s.db")
     await store.open()
-    c = await store.commit_event(event(), AlertState("b", "b"), [("s", message()), ("t", message())])
+    c = await store.commit_event(
+        event(), AlertState("b", "b"), [("s", message()), ("t", message())]
+    )
     a, b = c.rows
     await store.dead_letter(a.id, 1, 400, "bad request")
     assert [r.id for r in await store.rows("dead")] == [a.id]

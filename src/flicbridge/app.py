@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,7 +123,7 @@ class Bridge:
         self._pending: set[asyncio.Future[Any]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
-        self.extra_tasks: list[Callable[[], Awaitable[None]]] = []
+        self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -208,7 +208,9 @@ class Bridge:
             for sink_id, depth in self.dispatcher.depth().items():
                 self.metrics.queue_depth.labels(sink_id).set(depth)
             for sink_id, oldest in self.dispatcher.oldest().items():
-                self.metrics.oldest_pending.labels(sink_id).set(0 if oldest is None else now - oldest)
+                self.metrics.oldest_pending.labels(sink_id).set(
+                    0 if oldest is None else now - oldest
+                )
             await asyncio.sleep(5)
 
     # -- SourceListener --------------------------------------------------------------
@@ -222,8 +224,11 @@ class Bridge:
         bound = log.bind(button=button.id, click=press.click.value, source=press.source)
         max_age = self.config.alerts.max_press_age
         if press.queued:
-            bound.info("late_press", delay_s=round(press.delay_s, 3),
-                       pressed_at=press.pressed_at.isoformat())
+            bound.info(
+                "late_press",
+                delay_s=round(press.delay_s, 3),
+                pressed_at=press.pressed_at.isoformat(),
+            )
         if max_age and press.delay_s > max_age:
             bound.warning("press_dropped_too_old", delay_s=press.delay_s, max_press_age=max_age)
             self.metrics.dropped_presses.labels(button.id).inc()
@@ -275,8 +280,11 @@ class Bridge:
             status.battery_low = True
             log.warning("battery_low", button=button_id, percent=percent)
             self.alerts_bus.publish(
-                "WARNING", "MESSAGE", "NORMAL",
-                f"battery of {self._name(button_id)} is at {percent} %", button=button_id,
+                "WARNING",
+                "MESSAGE",
+                "NORMAL",
+                f"battery of {self._name(button_id)} is at {percent} %",
+                button=button_id,
             )
         elif percent >= threshold and status.battery_low:
             status.battery_low = False  # recovered: the next dip warns again
@@ -308,12 +316,13 @@ class Bridge:
             raise UnknownButton(signal.button_id)
         now = utcnow()
         before = self._state(button)
-        decision, after = decide(
-            before, signal.state, now, self.config.alerts.suppress_repeat_for
-        )
+        decision, after = decide(before, signal.state, now, self.config.alerts.suppress_repeat_for)
         sends = decision.sends and not signal.local_only
         messages = (
-            [(sink.id, self._message(button, signal, decision)) for sink in self.config.sinks_of(button)]
+            [
+                (sink.id, self._message(button, signal, decision))
+                for sink in self.config.sinks_of(button)
+            ]
             if sends
             else []
         )
@@ -413,20 +422,30 @@ class Bridge:
             origin=signal.origin,
         )
 
-    def _announce(self, button: ButtonConfig, signal: Signal, decision: Decision, event: int) -> None:
+    def _announce(
+        self, button: ButtonConfig, signal: Signal, decision: Decision, event: int
+    ) -> None:
         """Local alerts for a decision: INFO always, EXECUTE (close token) when opened."""
         name = button.display_name
         self.alerts_bus.publish(
-            "INFO", "SHOW_EVENT", "NORMAL",
+            "INFO",
+            "SHOW_EVENT",
+            "NORMAL",
             f"{name}: {signal.state.value} from {signal.origin} → {decision.value}",
-            event=event, button=button.id,
+            event=event,
+            button=button.id,
         )
         if decision is Decision.OPEN:
             token = secrets.token_urlsafe(24)
             self.tokens[token] = ExecToken(button.id, event, self.clock())
             self.alerts_bus.publish(
-                "INFO", "EXECUTE", "HIGH", f"{name} raised an alert. Close it?",
-                event=event, token=token, button=button.id,
+                "INFO",
+                "EXECUTE",
+                "HIGH",
+                f"{name} raised an alert. Close it?",
+                event=event,
+                token=token,
+                button=button.id,
             )
         elif decision is Decision.CLOSE:
             for tok in self.tokens.values():
@@ -447,11 +466,14 @@ class Bridge:
         self.metrics.deliveries.labels(row.sink_id, "dead").inc()
         self.metrics.dead_letters.labels(row.sink_id).inc()
         self.alerts_bus.publish(
-            "ERROR", "MESSAGE", "HIGH",
+            "ERROR",
+            "MESSAGE",
+            "HIGH",
             f"{row.message.action} of {row.message.button_name} could not be delivered to "
             f"{row.sink_id}: {outcome.detail} (row {row.id}; `flicbridge queue retry "
             f"{row.id}` re-queues it)",
-            event=row.message.event, button=row.message.button_id,
+            event=row.message.event,
+            button=row.message.button_id,
         )
 
     # -- store health ----------------------------------------------------------------
@@ -464,7 +486,9 @@ class Bridge:
         else:
             log.error("store_commit_failing", error=error, path=str(self.store.path))
             self.alerts_bus.publish(
-                "ERROR", "MESSAGE", "HIGH",
+                "ERROR",
+                "MESSAGE",
+                "HIGH",
                 f"the store cannot commit ({error}); presses are held in memory and retried",
             )
 
@@ -506,4 +530,3 @@ def _site_url(runner: web.AppRunner) -> str | None:
             host, port = sock.getsockname()[:2]
             return f"http://{host}:{port}"
     return None
-

@@ -227,7 +227,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
     except CliError:
         return _queue_offline(config, args)  # no daemon: work on the file itself
     if code >= 400:
-        raise CliError(f"{data.get('error')}: {data.get('detail')}" if isinstance(data, dict) else str(data))
+        raise CliError(
+            f"{data.get('error')}: {data.get('detail')}" if isinstance(data, dict) else str(data)
+        )
     if args.action == "list":
         for status in ("pending", "dead"):
             print(f"{status}:")
@@ -293,7 +295,10 @@ async def _send_in_process(config: Config, button_id: str, state: str, wait: flo
             check()
 
         def retrying(self, row: Any, outcome: Any, delay: float) -> None:
-            print(f"  {row.sink_id}: attempt {row.attempts} failed ({outcome.detail}); retry in {delay:.1f} s")
+            print(
+                f"  {row.sink_id}: attempt {row.attempts} failed ({outcome.detail}); "
+                f"retry in {delay:.1f} s"
+            )
 
         def dead(self, row: Any, outcome: Any) -> None:
             outcomes[row.id] = f"{row.sink_id}: DEAD — {outcome.detail}"
@@ -311,7 +316,9 @@ async def _send_in_process(config: Config, button_id: str, state: str, wait: flo
         async with asyncio.timeout(10):
             await bridge.wait_ready()
         accepted = await bridge.submit(
-            Signal(button_id=button_id, state=SignalState(state), origin="send", received_at=utcnow())
+            Signal(
+                button_id=button_id, state=SignalState(state), origin="send", received_at=utcnow()
+            )
         )
         print(f"event {accepted.event_id} → {accepted.decision.value}, {len(accepted.rows)} row(s)")
         expected.update(r.id for r in accepted.rows)
@@ -324,7 +331,8 @@ async def _send_in_process(config: Config, button_id: str, state: str, wait: flo
                 print("  still pending after the wait; rows stay queued for the daemon")
         for row_id in sorted(outcomes):
             print(f"  {outcomes[row_id]}")
-        return EXIT_OK if all("delivered" in o for o in outcomes.values()) and done.is_set() or not expected else EXIT_RUNTIME
+        ok = not expected or (done.is_set() and all("delivered" in o for o in outcomes.values()))
+        return EXIT_OK if ok else EXIT_RUNTIME
     finally:
         bridge.stop()
         await task
@@ -350,7 +358,9 @@ def _parse_buttons(specs: Sequence[str]) -> dict[str, str]:
         addr, _, name = spec.partition("=")
         addr = addr.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", addr):
-            raise CliError(f"--button {spec!r}: expected ADDR[=NAME], ADDR like 80:e4:da:70:00:01", EXIT_USAGE)
+            raise CliError(
+                f"--button {spec!r}: expected ADDR[=NAME], ADDR like 80:e4:da:70:00:01", EXIT_USAGE
+            )
         buttons[addr] = name or f"F{addr[-5:].replace(':', '')}"
     return buttons
 
@@ -380,7 +390,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
             run_scan_wizard(config.flicd.host, config.flicd.port, args.timeout)
         )
     except (OSError, TimeoutError) as exc:
-        raise CliError(f"cannot reach flicd at {config.flicd.host}:{config.flicd.port}: {exc}") from None
+        raise CliError(
+            f"cannot reach flicd at {config.flicd.host}:{config.flicd.port}: {exc}"
+        ) from None
     if address is None or result != "WizardSuccess":
         raise CliError(f"no button paired: {result}")
     button_id = (name or address.replace(":", "")).lower().replace(" ", "-")

@@ -33,7 +33,7 @@ from pydantic_settings import (
 from flicbridge.domain import Click
 
 # The folder relative secret files and store paths are resolved against while loading.
-_base_dir: contextvars.ContextVar[Path] = contextvars.ContextVar("_base_dir", default=Path.cwd())
+_base_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_base_dir", default=None)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -64,7 +64,7 @@ def resolve_secret(value: object) -> object:
     if value.startswith("file:"):
         raw = Path(value[5:])
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        path = raw if raw.is_absolute() else Path(creds or _base_dir.get()) / raw
+        path = raw if raw.is_absolute() else Path(creds or _base_dir.get() or Path.cwd()) / raw
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -310,9 +310,7 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
         seen_ids.add(button.id)
         if button.address is None:
             if button.source != "ingest":
-                problems.append(
-                    (f"{where}.address", f"required for source {button.source!r}")
-                )
+                problems.append((f"{where}.address", f"required for source {button.source!r}"))
         elif not _ADDRESS.match(button.address.lower()):
             problems.append(
                 (f"{where}.address", "expected a Bluetooth address like '80:e4:da:70:00:01'")

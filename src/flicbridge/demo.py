@@ -120,8 +120,10 @@ async def run_demo(out: Callable[[str], None] = print) -> int:
                     await asyncio.sleep(0.02)
                 while not bridge.buttons["reception"].connected:
                     await asyncio.sleep(0.02)
-            say(f"flicd simulator on 127.0.0.1:{sim.port}, daemon on {bridge.url}, "
-                f"capture sink on 127.0.0.1:{sink.port}")
+            say(
+                f"flicd simulator on 127.0.0.1:{sim.port}, daemon on {bridge.url}, "
+                f"capture sink on 127.0.0.1:{sink.port}"
+            )
 
             def show(index: int) -> None:
                 _, path, body = sink.received[index]
@@ -140,8 +142,10 @@ async def run_demo(out: Callable[[str], None] = print) -> int:
             sim.press(ADDRESS, "single")
             await asyncio.sleep(0.5)
             events = await bridge.store.recent_events(1)
-            expect(events[0]["decision"] == "appended" and len(sink.received) == 2,
-                   "appended: recorded, not sent again (pages once)")
+            expect(
+                events[0]["decision"] == "appended" and len(sink.received) == 2,
+                "appended: recorded, not sent again (pages once)",
+            )
 
             say("sink outage begins (503 to everything)")
             sink.down = True
@@ -156,8 +160,10 @@ async def run_demo(out: Callable[[str], None] = print) -> int:
             await sink.wait_for(4)
             show(2)
             show(3)
-            expect(all(b.get("flic_state", b.get("state")) == "Off" for _, _, b in sink.received[2:4]),
-                   "close retried and delivered after the outage")
+            expect(
+                all(b.get("flic_state", b.get("state")) == "Off" for _, _, b in sink.received[2:4]),
+                "close retried and delivered after the outage",
+            )
 
             say("button goes out of range; press 4 made there; back in range 1.5 s later")
             sim.disconnect(ADDRESS)
@@ -168,24 +174,30 @@ async def run_demo(out: Callable[[str], None] = print) -> int:
             await sink.wait_for(6)
             show(4)
             late = [b for _, p, b in sink.received[4:6] if "POSTAlert" in p]
-            expect(bool(late) and float(late[0].get("delay_s", 0)) >= 1.0,
-                   "late press delivered, stamped with its real press time and delay")
+            expect(
+                bool(late) and float(late[0].get("delay_s", 0)) >= 1.0,
+                "late press delivered, stamped with its real press time and delay",
+            )
 
             def delivered_metric() -> int:
-                return int(sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in bridge.metrics.render().decode().splitlines()
-                    if line.startswith("flicbridge_deliveries_total{")
-                    and 'outcome="delivered"' in line
-                ))
+                return int(
+                    sum(
+                        float(line.rsplit(" ", 1)[1])
+                        for line in bridge.metrics.render().decode().splitlines()
+                        if line.startswith("flicbridge_deliveries_total{")
+                        and 'outcome="delivered"' in line
+                    )
+                )
 
             async with asyncio.timeout(5):  # the count lands after the store marks the row
                 while delivered_metric() < len(sink.received):
                     await asyncio.sleep(0.02)
             delivered = delivered_metric()
-            say(f"summary: {len(sink.received)} deliveries, {len(sink.failures)} refused "
+            say(
+                f"summary: {len(sink.received)} deliveries, {len(sink.failures)} refused "
                 f"attempts retried, {int(delivered)} counted in /metrics, "
-                f"0 lost; store {config.store.path.name} in a temp folder")
+                f"0 lost; store {config.store.path.name} in a temp folder"
+            )
         except TimeoutError:
             failures.append("timed out waiting for the pipeline")
             say("FAIL: timed out waiting for the pipeline")

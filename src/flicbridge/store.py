@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import sqlite3
@@ -201,9 +202,7 @@ class Store:
         self.last_error = ""
         self.commits = 0
         self._on_health = on_health
-        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
@@ -290,10 +289,8 @@ class Store:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if conn.in_transaction:
-                    try:
+                    with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
                 self._report(False, f"{type(exc).__name__}: {exc}")
                 if self._stop_retrying.wait(delay):
                     for _, future in batch:
@@ -315,7 +312,9 @@ class Store:
         if changed and self._on_health is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_health, healthy, error)
 
-    def _resolve(self, future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    def _resolve(
+        self, future: asyncio.Future[Any], value: Any, error: BaseException | None
+    ) -> None:
         assert self._loop is not None
 
         def settle() -> None:

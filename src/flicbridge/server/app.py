@@ -137,7 +137,7 @@ class IngestBody(BaseModel):
     """The AlertOps-style body of seed 002 (Flic app "HTTP request", Flic Hub module)."""
 
     model_config = ConfigDict(extra="ignore")
-    flic_nameId: str = Field(min_length=1, max_length=255)  # noqa: N815 - the wire name
+    flic_nameId: str = Field(min_length=1, max_length=255)
     flic_state: Literal["On", "Off"]
     info: str = Field("", max_length=2000)
 
@@ -210,7 +210,9 @@ def readiness(bridge: Bridge) -> list[str]:
 
 async def readyz(request: web.Request) -> web.Response:
     reasons = readiness(request.app[BRIDGE])
-    return web.json_response({"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200)
+    return web.json_response(
+        {"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
