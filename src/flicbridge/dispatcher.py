@@ -4,7 +4,8 @@
   close never overtakes its open. Lanes never wait for each other; a lane exists only
   while it has rows, as one task in the dispatcher's TaskGroup.
 - Every sink has a token bucket (its ``rate`` and ``burst``) shared by its lanes, and a
-  pause: a 429 stops the whole sink until its Retry-After (or backoff) has passed.
+  pause: a 429 stops the whole sink until its Retry-After (or backoff) has passed. A
+  fresh press may borrow from the bucket, so it never waits behind a draining backlog.
 - Retry or dead-letter is decided by ``delivery.classify``; the delay by
   ``delivery.next_delay`` (full jitter, Retry-After as a minimum). Rows older than
   ``max_age`` are dead-lettered, never dropped. Every outcome is written to the store
@@ -30,6 +31,8 @@ from flicbridge.store import OutboxRow, Store
 
 log = structlog.get_logger(__name__)
 
+FRESH = 60.0  # seconds: a row this young on its first attempt is a live press, not backlog
+
 
 class DeliveryListener(Protocol):
     """Told of every attempt's outcome (metrics, local alerts, status)."""
@@ -54,16 +57,22 @@ class SinkGate:
     last_error: str | None = None
     failing_since: float | None = None
 
-    def wait_for_token(self, now: float) -> float:
-        """Take a token if one is there (return 0) or say how long until one is."""
+    def wait_for_token(self, now: float, urgent: bool = False) -> float:
+        """Take a token if one is there (return 0) or say how long until one is.
+
+        An ``urgent`` row (a fresh press) may borrow up to ``burst`` tokens ahead, so a
+        panic press is never paced behind another button's backlog; the debt slows the
+        backlog afterwards, keeping the long-run rate.
+        """
         if self.updated == 0.0:
             self.tokens, self.updated = float(self.burst), now
         self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
+        floor = 1.0 - self.burst if urgent else 1.0
+        if self.tokens >= floor:
             self.tokens -= 1.0
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (floor - self.tokens) / self.rate
 
 
 @dataclass
@@ -205,7 +214,8 @@ class Dispatcher:
                 if wait > 0:
                     await self._sleep(lane, wait)
                     continue
-                token_wait = gate.wait_for_token(now)
+                urgent = row.attempts == 0 and now - row.created_at < FRESH
+                token_wait = gate.wait_for_token(now, urgent)
                 if token_wait > 0:
                     await self._sleep(lane, token_wait)
                     continue
