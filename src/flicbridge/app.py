@@ -8,6 +8,7 @@ the HTTP timeout), then pending commits, then the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -29,7 +30,7 @@ from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 from flicbridge.state import AlertState, decide
-from flicbridge.store import Committed, EventRecord, OutboxRow, Store
+from flicbridge.store import Committed, EventRecord, OutboxRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +124,11 @@ class Bridge:
         self._pending: set[asyncio.Future[Any]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
+        for sink_id in self.sinks:  # computed at scrape time, so never stale
+            depth = functools.partial(self._queue_depth, sink_id)
+            self.metrics.queue_depth.labels(sink_id).set_function(depth)
+            age = functools.partial(self._oldest_pending_age, sink_id)
+            self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -153,7 +159,6 @@ class Bridge:
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
-                tg.create_task(self._gauges(), name="gauges")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
                 self._ready.set()
@@ -201,17 +206,12 @@ class Bridge:
             coroutines.append(("source:flicd", source.run()))
         return coroutines
 
-    async def _gauges(self) -> None:
-        """Refresh queue gauges; cheap (in-memory) and slow enough to cost nothing idle."""
-        while True:
-            now = self.clock()
-            for sink_id, depth in self.dispatcher.depth().items():
-                self.metrics.queue_depth.labels(sink_id).set(depth)
-            for sink_id, oldest in self.dispatcher.oldest().items():
-                self.metrics.oldest_pending.labels(sink_id).set(
-                    0 if oldest is None else now - oldest
-                )
-            await asyncio.sleep(5)
+    def _queue_depth(self, sink_id: str) -> float:
+        return float(self.dispatcher.depth().get(sink_id, 0))
+
+    def _oldest_pending_age(self, sink_id: str) -> float:
+        oldest = self.dispatcher.oldest().get(sink_id)
+        return 0.0 if oldest is None else self.clock() - oldest
 
     # -- SourceListener --------------------------------------------------------------
 
@@ -252,6 +252,22 @@ class Bridge:
             )
         except NotAccepting:
             bound.warning("press_refused_shutting_down")
+        except StoreError as exc:  # the store is failing and holds all it may (store.py)
+            bound.error(
+                "press_lost",
+                reason=str(exc),
+                state=signal_state.value,
+                pressed_at=press.pressed_at.isoformat(),
+                queued=press.queued,
+            )
+            self.alerts_bus.publish(
+                "ERROR",
+                "MESSAGE",
+                "HIGH",
+                f"a press of {button.display_name} at {press.pressed_at.isoformat()} was LOST: "
+                f"{exc}",
+                button=button.id,
+            )
 
     def link(self, source: str, up: bool, detail: str) -> None:
         was = self.health.source_up.get(source)
@@ -343,9 +359,9 @@ class Bridge:
         )
         # The decision is made; state moves now so the next signal sees it (arrival order).
         previous = self.states.get(after.alert_key)
-        self.states[after.alert_key] = after
         started = time.perf_counter()
         committed = self.store.commit_event(event, after, messages, callback=callback)
+        self.states[after.alert_key] = after  # after commit_event: a refusal moves nothing
         result: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.add(result)
         result.add_done_callback(self._pending.discard)
@@ -361,7 +377,16 @@ class Bridge:
         def settle(done: asyncio.Future[Committed]) -> None:
             if done.cancelled() or done.exception() is not None:
                 error = done.exception() if not done.cancelled() else None
-                log.error("commit_failed", button=button.id, error=str(error))
+                log.error(
+                    "commit_failed",
+                    button=button.id,
+                    error=str(error),
+                    origin=signal.origin,
+                    state=signal.state.value,
+                    decision=decision.value,
+                    click=event.click or None,
+                    pressed_at=event.pressed_at.isoformat(),
+                )
                 if not result.done():
                     result.set_exception(error or RuntimeError("commit cancelled"))
                 return
@@ -420,6 +445,7 @@ class Bridge:
             severity=button.severity,
             event=0,
             origin=signal.origin,
+            queued=press.queued if press else False,
         )
 
     def _announce(

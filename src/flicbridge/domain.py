@@ -109,6 +109,7 @@ class Message:
     severity: str
     event: int  # id of the press/callback event in the store
     origin: str = "press"
+    queued: bool = False  # flicd's was_queued: the button held it while out of range
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

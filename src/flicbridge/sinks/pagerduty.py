@@ -46,8 +46,7 @@ def custom_details(message: Message, version: str) -> dict[str, Any]:
     return {
         "click": message.click,
         "delay_s": message.delay_s,
-        # flicd's was_queued is not carried by Message; a positive delay means the same.
-        "queued": message.delay_s > 0,
+        "queued": message.queued,
         "bridge_version": version,
         "button_id": message.button_id,
         "origin": message.origin,
