@@ -1,9 +1,513 @@
-"""Routes of the callbacks feature (to be filled in)."""
+"""Platform callbacks (DESIGN.md §7): iLert dynamic alert actions and Flashduty custom actions.
+
+Both platforms can ask the bridge for two actions on a button's alert:
+
+- **close**: the alert is closed here and the close is sent to every sink of the button;
+- **rearm**: the alert is closed here only (the platform already closed it), so the next
+  press opens a fresh alert.
+
+Both enter the state machine as a ``Signal`` (origin ``ilert`` or ``flashduty``, actor =
+the person who clicked) and are committed like a press; a close with nothing open is
+"ignored", which is still a success for the platform. ``[ilert] enabled = false`` or
+``[flashduty] enabled = false`` makes the routes answer 404.
+
+iLert (seed 000): ``POST /ilert/action-requests`` answers ``{"actions": [...]}`` — the shape
+of iLert's own demo provider (iLert/dynamic-action-provider) and of the seed's sample
+handler; the seed's schema block shows the bare array inside it — with at most three
+actions whose ids are deterministic (``close:<button id>``, ``rearm:<button id>``): iLert
+caches actions for an hour and maps its ids back to ours. ``POST /ilert/action-responses``
+runs one and answers ``{"success": bool, "text": ...}`` in the request's locale (en, de).
+
+Flashduty (seed 001): ``POST /flashduty/action/close`` and ``/flashduty/action/rearm`` take
+the ``i_custom`` push. Flashduty retries a push that timed out with the same ``event_id``:
+the store remembers every event id it has acted on (also across restarts), so a repeat
+answers 200 and does nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import structlog
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from flicbridge.app import NotAccepting, UnknownButton
+from flicbridge.domain import Decision, Signal, SignalState, utcnow
+from flicbridge.server.app import BRIDGE, COMMIT_WAIT, ApiError, find_button, parse, read_json
+from flicbridge.store import StoreError
+
+if TYPE_CHECKING:
+    from flicbridge.app import Bridge
+    from flicbridge.config import ButtonConfig
+
+log = structlog.get_logger(__name__)
+
+Action = Literal["close", "rearm"]
+ACTIONS: tuple[Action, ...] = ("close", "rearm")
+ILERT_WAIT = 2.5  # seconds an iLert action waits for its commit: the user is looking at it
+ACTOR_LIMIT = 200
+
+# -- texts -------------------------------------------------------------------------------
+
+TEXTS: dict[str, dict[str, str]] = {
+    "en": {
+        "action.close": "Close everywhere ({name})",
+        "action.rearm": "Re-arm button ({name})",
+        "close.close": "Closed the alert of {name}; the close goes to {rows} sink(s).",
+        "close.ignored": "Nothing to close: the alert of {name} was not open (ignored).",
+        "rearm.close": "{name} is re-armed: closed here only, the next press opens a new alert.",
+        "rearm.ignored": "{name} was already closed here; the next press opens a new alert.",
+        "pending": " The bridge is still writing it to disk.",
+        "no_button": "This alert belongs to no button of this bridge.",
+        "other_button": "This action belongs to button {action_button}, not to this alert.",
+        "not_accepting": "The bridge is shutting down; try again in a moment.",
+        "failed": "The bridge could not record the action: {detail}",
+    },
+    "de": {
+        "action.close": "Überall schließen ({name})",
+        "action.rearm": "Knopf neu scharf schalten ({name})",
+        "close.close": "Der Alarm von {name} ist geschlossen; "
+        "das Schließen geht an {rows} Ziel(e).",
+        "close.ignored": "Nichts zu schließen: der Alarm von {name} war nicht offen (ignoriert).",
+        "rearm.close": "{name} ist wieder scharf: nur hier geschlossen, "
+        "der nächste Druck öffnet einen neuen Alarm.",
+        "rearm.ignored": "{name} war hier schon geschlossen; "
+        "der nächste Druck öffnet einen neuen Alarm.",
+        "pending": " Die Brücke schreibt es noch auf die Platte.",
+        "no_button": "Dieser Alarm gehört zu keinem Knopf dieser Brücke.",
+        "other_button": "Diese Aktion gehört zu Knopf {action_button}, nicht zu diesem Alarm.",
+        "not_accepting": "Die Brücke fährt herunter; bitte gleich noch einmal versuchen.",
+        "failed": "Die Brücke konnte die Aktion nicht speichern: {detail}",
+    },
+}
+
+
+def language(locale: str | None) -> str:
+    """``en`` or ``de`` from a locale like ``de``, ``de-DE``, ``de_AT``; English otherwise."""
+    if not locale:
+        return "en"
+    lang = locale.strip().replace("_", "-").split("-")[0].lower()
+    return lang if lang in TEXTS else "en"
+
+
+def text(lang: str, key: str, **values: Any) -> str:
+    return TEXTS[lang][key].format(**values)
+
+
+def outcome_text(lang: str, action: Action, name: str, result: dict[str, Any]) -> str:
+    """What happened, for the person who clicked: close or ignored, plus a pending note."""
+    decided = "close" if result["decision"] == Decision.CLOSE.value else "ignored"
+    line = text(lang, f"{action}.{decided}", name=name, rows=result.get("rows", 0))
+    if result.get("pending"):
+        line += text(lang, "pending")
+    return line
+
+
+# -- running an action -------------------------------------------------------------------
+
+
+def _clip(value: str, limit: int = ACTOR_LIMIT) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+async def run_action(
+    bridge: Bridge,
+    button: ButtonConfig,
+    action: Action,
+    *,
+    origin: str,
+    actor: str,
+    callback: tuple[str, str] | None = None,
+    wait: float | None = None,
+) -> dict[str, Any]:
+    """Submit the action's Off signal and wait for its commit; JSON of what it decided.
+
+    With ``wait`` the answer may come before the commit (``"pending": true``): the
+    signal is decided and the store retries the write until it lands.
+    """
+    via = {"ilert": "iLert", "flashduty": "Flashduty", "exec": "a local screen"}.get(origin, origin)
+    verb = "closed" if action == "close" else "re-armed"
+    signal = Signal(
+        button_id=button.id,
+        state=SignalState.OFF,
+        origin=origin,
+        received_at=utcnow(),
+        info=_clip(f"{verb} from {via} by {actor}" if actor else f"{verb} from {via}", 500),
+        local_only=action == "rearm",
+        actor=_clip(actor),
+    )
+    key = bridge.config.alert_key(button)
+    before = bridge.states.get(key)
+    was_open = before is not None and before.is_open
+    try:
+        future = bridge.submit(signal, callback=callback)
+    except NotAccepting:
+        raise ApiError(503, "shutting down", None) from None
+    except UnknownButton:
+        raise ApiError(404, "unknown button", button.id) from None
+    except StoreError as exc:  # commits are failing and the store holds all it may
+        raise ApiError(503, "store unavailable", str(exc)) from None
+    try:
+        async with asyncio.timeout(COMMIT_WAIT if wait is None else wait):
+            accepted = await asyncio.shield(future)
+    except TimeoutError:
+        if wait is None:
+            raise ApiError(
+                503, "store is slow", "the action is decided and held; its commit is pending"
+            ) from None
+        # The decision is made (the state moved when it was submitted); the store keeps
+        # retrying the write. Only this wait ends.
+        future.add_done_callback(_consume)
+        sends = was_open and action == "close"
+        result: dict[str, Any] = {
+            "event": None,
+            "decision": (Decision.CLOSE if was_open else Decision.IGNORED).value,
+            "rows": len(bridge.config.sinks_of(button)) if sends else 0,
+            "duplicate": False,
+            "pending": True,
+        }
+    except Exception as exc:
+        raise ApiError(503, "store unavailable", str(exc)) from None
+    else:
+        result = {
+            "event": accepted.event_id or None,
+            "decision": accepted.decision.value,
+            "rows": len(accepted.rows),
+            "duplicate": accepted.duplicate,
+        }
+    result.update(button=button.id, alert_key=bridge.config.alert_key(button), action=action)
+    log.info(
+        "callback_action",
+        button=button.id,
+        action=action,
+        origin=origin,
+        actor=actor or None,
+        decision=result["decision"],
+        duplicate=result["duplicate"] or None,
+        event_id=result["event"],
+    )
+    return result
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("callback_commit_failed", error=str(future.exception()))
+
+
+def _secret_matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+# -- iLert -------------------------------------------------------------------------------
+
+
+class IlertUser(BaseModel):
+    """The iLert user clicking the action (absent outside notifications)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: StrictInt | Annotated[str, Field(max_length=200)] | None = None
+    email: str | None = Field(None, max_length=320)
+    username: str | None = Field(None, max_length=200)
+    firstName: str | None = Field(None, max_length=200)
+    lastName: str | None = Field(None, max_length=200)
+
+
+class IlertAlert(BaseModel):
+    """The part of iLert's alert resource the bridge reads (the rest is kept, unread).
+
+    Field names are iLert's (camelCase) so the models read like the wire format.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    id: int | str | None = None
+    alertKey: str | None = Field(None, max_length=1000)
+    summary: str | None = None
+    labels: dict[str, Any] | None = None
+
+
+class IlertActionRequest(BaseModel):
+    """What iLert posts to ``requestUrl`` when it gathers an alert's actions."""
+
+    model_config = ConfigDict(extra="allow")
+    alert: IlertAlert
+    user: IlertUser | None = None
+    locale: str | None = Field(None, max_length=35)
+
+
+class IlertActionResponseRequest(IlertActionRequest):
+    """What iLert posts to ``responseUrl`` when a person picks an action."""
+
+    actionId: str = Field(min_length=1, max_length=300, pattern=r"^(close|rearm)(:.+)?$")
+
+
+class IlertAction(BaseModel):
+    id: str
+    text: str
+    url: str | None = None
+
+
+class IlertActions(BaseModel):
+    """Up to three actions; ``url`` is left out so iLert calls the configured responseUrl."""
+
+    actions: list[IlertAction] = Field(max_length=3)
+
+
+class IlertActionResult(BaseModel):
+    success: bool
+    text: str
+
+
+def _ilert_guard(request: web.Request) -> None:
+    config = request.app[BRIDGE].config.ilert
+    if not config.enabled:
+        raise ApiError(404, "not found", "iLert callbacks are disabled ([ilert] enabled)")
+    if config.authorization is not None and not _secret_matches(
+        request.headers.get("Authorization"), config.authorization.get_secret_value()
+    ):
+        raise ApiError(401, "wrong or missing Authorization header", None)
+
+
+def _ilert_button(bridge: Bridge, alert: IlertAlert) -> ButtonConfig | None:
+    """The button of an iLert alert: its ``alertKey``, else its ``flic_button`` label."""
+    names: list[Any] = [alert.alertKey]
+    if alert.labels:
+        names.append(alert.labels.get("flic_button"))
+    for name in names:
+        if isinstance(name, str) and name.strip():
+            button = find_button(bridge, name)
+            if button is not None:
+                return button
+    return None
+
+
+def _ilert_actor(user: IlertUser | None) -> str:
+    if user is None:
+        return ""
+    if user.email:
+        return user.email
+    if user.username:
+        return user.username
+    full = " ".join(n for n in (user.firstName, user.lastName) if n)
+    if full:
+        return full
+    return f"iLert user {user.id}" if user.id is not None else ""
+
+
+def action_id(action: Action, button: ButtonConfig) -> str:
+    """Deterministic: the same action on the same button always has the same id."""
+    return f"{action}:{button.id}"
+
+
+async def ilert_action_requests(request: web.Request) -> web.Response:
+    """The actions iLert may offer on an alert: close everywhere, re-arm (none if no button)."""
+    _ilert_guard(request)
+    bridge = request.app[BRIDGE]
+    body = parse(IlertActionRequest, await read_json(request))
+    lang = language(body.locale)
+    button = _ilert_button(bridge, body.alert)
+    actions: list[IlertAction] = []
+    if button is not None:
+        name = button.display_name
+        actions = [
+            IlertAction(id=action_id(a, button), text=text(lang, f"action.{a}", name=name))
+            for a in ACTIONS
+        ]
+    log.info(
+        "ilert_action_request",
+        alert_key=body.alert.alertKey,
+        button=button.id if button else None,
+        actions=len(actions),
+    )
+    result = IlertActions(actions=actions)
+    return web.json_response(result.model_dump(exclude_none=True))
+
+
+async def ilert_action_responses(request: web.Request) -> web.Response:
+    """Run the action iLert names by ``actionId``; feedback text in the request's locale."""
+    _ilert_guard(request)
+    bridge = request.app[BRIDGE]
+    body = parse(IlertActionResponseRequest, await read_json(request))
+    lang = language(body.locale)
+    kind, _, named = body.actionId.partition(":")
+    if kind not in ACTIONS:
+        raise ApiError(400, "unknown actionId", body.actionId)
+    action: Action = "close" if kind == "close" else "rearm"
+
+    def answer(success: bool, line: str) -> web.Response:
+        return web.json_response(IlertActionResult(success=success, text=line).model_dump())
+
+    button = _ilert_button(bridge, body.alert)
+    if button is None:
+        log.info("ilert_action_no_button", alert_key=body.alert.alertKey, action=body.actionId)
+        return answer(False, text(lang, "no_button"))
+    if named and named.casefold() != button.id.casefold():
+        return answer(False, text(lang, "other_button", action_button=named))
+    try:
+        result = await run_action(
+            bridge,
+            button,
+            action,
+            origin="ilert",
+            actor=_ilert_actor(body.user),
+            wait=ILERT_WAIT,
+        )
+    except ApiError as exc:
+        key = "not_accepting" if exc.message == "shutting down" else "failed"
+        return answer(False, text(lang, key, detail=exc.message))
+    return answer(True, outcome_text(lang, action, button.display_name, result))
+
+
+# -- Flashduty ---------------------------------------------------------------------------
+
+
+class FlashdutyPerson(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    person_id: StrictInt | Annotated[str, Field(max_length=200)] | None = None
+    person_name: str | None = Field(None, max_length=200)
+    email: str | None = Field(None, max_length=320)
+
+
+class FlashdutyAlert(BaseModel):
+    """One alert of the incident; ``alert_key`` is what the flashduty sink sent."""
+
+    model_config = ConfigDict(extra="allow")
+    alert_id: str | None = None
+    alert_key: str | None = Field(None, max_length=1000)
+    labels: dict[str, Any] | None = None
+
+
+class FlashdutyIncident(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    incident_id: str | None = None
+    title: str | None = None
+    event_id: str | None = Field(None, max_length=200)  # where the seed's example puts it
+    labels: dict[str, Any] | None = None
+    alerts: list[FlashdutyAlert] | None = Field(None, max_length=1000)
+
+
+class FlashdutyPush(BaseModel):
+    """The ``i_custom`` push of a Flashduty custom incident action (seed 001)."""
+
+    model_config = ConfigDict(extra="allow")
+    event_time: int | None = None
+    event_type: str | None = Field(None, max_length=100)
+    event_id: str | None = Field(None, max_length=200)
+    person: FlashdutyPerson | None = None
+    incident: FlashdutyIncident
+
+
+class FlashdutyButtonResult(BaseModel):
+    button: str
+    alert_key: str
+    decision: Literal["close", "ignored", "duplicate"] = Field(
+        description="ignored: nothing was open; duplicate: this event_id was already done"
+    )
+    event: int | None
+    duplicate: bool
+    text: str
+
+
+class FlashdutyResult(BaseModel):
+    action: Action
+    event_id: str | None
+    duplicate: bool
+    results: list[FlashdutyButtonResult]
+
+
+def _label(labels: dict[str, Any] | None) -> str | None:
+    value = (labels or {}).get("flic_button")
+    return value if isinstance(value, str) else None
+
+
+def _flashduty_names(incident: FlashdutyIncident) -> Iterable[str]:
+    for alert in incident.alerts or ():
+        if alert.alert_key:
+            yield alert.alert_key
+        label = _label(alert.labels)
+        if label:
+            yield label
+    label = _label(incident.labels)
+    if label:
+        yield label
+
+
+def _flashduty_buttons(bridge: Bridge, incident: FlashdutyIncident) -> list[ButtonConfig]:
+    """Every known button the incident names, in order, each once."""
+    found: dict[str, ButtonConfig] = {}
+    for name in _flashduty_names(incident):
+        button = find_button(bridge, name)
+        if button is not None:
+            found.setdefault(button.id, button)
+    return list(found.values())
+
+
+def _flashduty_handler(action: Action) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        bridge = request.app[BRIDGE]
+        config = bridge.config.flashduty
+        if not config.enabled:
+            raise ApiError(
+                404, "not found", "Flashduty callbacks are disabled ([flashduty] enabled)"
+            )
+        if config.secret is not None and not _secret_matches(
+            request.headers.get(config.header), config.secret.get_secret_value()
+        ):
+            raise ApiError(401, f"wrong or missing {config.header} header", None)
+        push = parse(FlashdutyPush, await read_json(request))
+        event_id = push.event_id or push.incident.event_id or None
+        buttons = _flashduty_buttons(bridge, push.incident)
+        if not buttons:
+            raise ApiError(
+                422,
+                "the incident names no button of this bridge",
+                {"alert_keys": list(_flashduty_names(push.incident))[:20]},
+            )
+        person = push.person
+        actor = (person.email or person.person_name or "") if person else ""
+        results = []
+        for button in buttons:
+            callback = None
+            if event_id is not None:
+                key = event_id if len(buttons) == 1 else f"{event_id}/{button.id}"
+                callback = ("flashduty", key)
+            result = await run_action(
+                bridge, button, action, origin="flashduty", actor=actor, callback=callback
+            )
+            line = (
+                "already done (repeated event_id)"
+                if result["duplicate"]
+                else outcome_text("en", action, button.display_name, result)
+            )
+            results.append(
+                FlashdutyButtonResult(
+                    button=button.id,
+                    alert_key=result["alert_key"],
+                    decision="duplicate" if result["duplicate"] else result["decision"],
+                    event=result["event"] or None,
+                    duplicate=result["duplicate"],
+                    text=line,
+                )
+            )
+        body = FlashdutyResult(
+            action=action,
+            event_id=event_id,
+            duplicate=all(r.duplicate for r in results),
+            results=results,
+        )
+        return web.json_response(body.model_dump())
+
+    handler.__name__ = f"flashduty_{action}"
+    handler.__doc__ = f"Flashduty custom incident action: {action} the incident's buttons."
+    return handler
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this feature's routes on the bridge's application."""
+    """Register the iLert and Flashduty callback routes."""
+    app.router.add_post("/ilert/action-requests", ilert_action_requests)
+    app.router.add_post("/ilert/action-responses", ilert_action_responses)
+    for action in ACTIONS:
+        app.router.add_post(f"/flashduty/action/{action}", _flashduty_handler(action))
