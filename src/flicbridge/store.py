@@ -14,6 +14,14 @@ Invariants:
 - Rows of one (sink, alert key) are delivered in id order (the dispatcher reads them so).
 - When a commit fails (disk full, read-only, I/O error) the batch is kept in memory and
   retried with backoff; the health callback says so. The store file is never deleted.
+- The hold is bounded by count, not time: while commits fail, at most ``max_held``
+  operations (default 1000) wait in memory. Past that, ``commit_event`` raises StoreError
+  at once (HTTP callers get 503, a flicd press is logged as lost); operations already held
+  stay held and commit, in order, when the disk recovers. A held press loses nothing by
+  waiting longer, so there is no time bound; closing the store fails what is still held.
+- Status reads (``rows``, ``counts``, ``recent_events``) use a separate read-only
+  connection in a worker thread: they see committed data only and never wait behind a
+  failing commit, so the status API keeps answering while the disk is in trouble.
 """
 
 from __future__ import annotations
@@ -194,10 +202,12 @@ class Store:
         history: int = 10_000,
         on_health: Callable[[bool, str], None] | None = None,
         max_batch: int = 512,
+        max_held: int = 1000,
     ) -> None:
         self.path = path
         self.history = history
         self.max_batch = max_batch
+        self.max_held = max_held
         self.healthy = True
         self.last_error = ""
         self.commits = 0
@@ -206,6 +216,9 @@ class Store:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._unsettled = 0  # submitted, not yet resolved (touched on the loop only)
         self._stop_retrying = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -218,6 +231,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.path.parent}: cannot create the store folder: {exc}") from None
         self._conn = await asyncio.to_thread(self._open_sync)
+        self._reader = await asyncio.to_thread(self._open_reader)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -228,6 +242,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA query_only = ON")
         return conn
 
     async def close(self) -> None:
@@ -241,6 +262,13 @@ class Store:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        await asyncio.to_thread(self._close_reader)
+
+    def _close_reader(self) -> None:
+        with self._read_lock:  # after any read in progress
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     # -- the writer thread -----------------------------------------------------------
 
@@ -318,6 +346,7 @@ class Store:
         assert self._loop is not None
 
         def settle() -> None:
+            self._unsettled -= 1
             if future.done():
                 return
             if error is not None:
@@ -332,11 +361,35 @@ class Store:
         if self._thread is None or self._loop is None:
             raise StoreError("the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
+        self._unsettled += 1
         self._queue.put((op, future))
         return future
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await self.submit(op)
+
+    async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``op`` on the reader connection, off the loop and off the writer."""
+        return await asyncio.to_thread(self._read_sync, op)
+
+    def _read_sync(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        with self._read_lock:
+            if self._reader is None:
+                raise StoreError("the store is not open")
+            return op(self._reader)
+
+    @property
+    def waiting(self) -> int:
+        """Operations submitted and not yet resolved (held in memory while commits fail)."""
+        return self._unsettled
+
+    def _refuse_when_full(self) -> None:
+        """StoreError when commits are failing and ``max_held`` operations already wait."""
+        if not self.healthy and self._unsettled >= self.max_held:
+            raise StoreError(
+                f"the store cannot commit ({self.last_error}) and already holds "
+                f"{self._unsettled} operations in memory (max_held); refusing more"
+            )
 
     # -- operations ------------------------------------------------------------------
 
@@ -354,6 +407,7 @@ class Store:
         payload gets the real id. With ``callback`` = (source, event id) a repeat of a
         callback already recorded writes nothing and returns ``duplicate=True``.
         """
+        self._refuse_when_full()
         pending = list(messages)
 
         def op(conn: sqlite3.Connection) -> Committed:
@@ -481,7 +535,7 @@ class Store:
             )
             return [_row(r) for r in cur]
 
-        return await self.run(op)
+        return await self.read(op)
 
     async def requeue(self, row_id: int | None) -> list[OutboxRow]:
         """Make a dead row (or every dead row with None) pending again; return them."""
@@ -502,14 +556,14 @@ class Store:
                 out.setdefault(r["sink_id"], {})[r["status"]] = r["n"]
             return out
 
-        return await self.run(op)
+        return await self.read(op)
 
     async def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             cur = conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
             return [dict(r) for r in cur]
 
-        return await self.run(op)
+        return await self.read(op)
 
 
 def _save_alert(conn: sqlite3.Connection, alert: AlertState, event_id: int) -> None:

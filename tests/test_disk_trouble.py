@@ -1,0 +1,245 @@
+"""Disk trouble (DESIGN.md §5, store.py): the store cannot commit, the daemon says so loudly,
+holds what it accepted for a bounded count while it retries, never crashes, and delivers
+the held presses once the disk recovers.
+
+The trouble is real SQLite trouble on the real store file: a full disk is the writer
+connection's ``PRAGMA max_page_count`` pinned to the file's size (freeing space is another
+connection deleting its ballast, as an operator deleting files would), a read-only
+disk is ``PRAGMA query_only`` on the writer connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+import flicbridge.server.app
+from flicbridge.alerts import Subscriber
+from flicbridge.app import Bridge
+from flicbridge.config import Config
+from flicbridge.sources.simulator import Simulator
+from tests.conftest import Receiver, auth, make_config, running
+
+A = "80:e4:da:70:00:01"
+# More than a page (4 KiB) of button info: every open writes an outbox row that needs new
+# pages, so a store that may not grow cannot commit it.
+LONG_INFO = "Lab A, second floor, beside the fume hood. " * 150
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    simulator = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha"})
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+def trouble_config(tmp_path: Path, sim: Simulator, receiver: Receiver) -> Config:
+    return make_config(
+        tmp_path,
+        flicd={"port": sim.port, "reconnect_max": 0.5, "ping_interval": 1},
+        buttons=[
+            {"id": "alpha", "address": A, "name": "Alpha", "info": LONG_INFO},
+            {"id": "desk", "source": "ingest", "name": "Desk"},
+        ],
+        sinks=[{"id": "ao", "type": "alertops", "url": f"{receiver.url}/POSTAlert/KEY/Flic"}],
+    )
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def connected(bridge: Bridge) -> None:
+    await wait_until(
+        lambda: bridge.health.source_up.get("flicd") and bridge.buttons["alpha"].connected
+    )
+
+
+def errors(alerts: Subscriber) -> list[str]:
+    found = []
+    while not alerts.queue.empty():
+        alert = alerts.queue.get_nowait()
+        if alert.type == "ERROR":
+            found.append(alert.message)
+    return found
+
+
+@contextlib.contextmanager
+def other_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def pin_size(conn: sqlite3.Connection) -> int:
+    """On the writer connection: the file may not grow; the free pages left (0 expected)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return free
+
+
+async def scrape(http: aiohttp.ClientSession, name: str) -> str:
+    async with http.get("/metrics") as r:
+        text = await r.text()
+    return next(line for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_full_disk_is_loud_holds_presses_and_delivers_them_after_recovery(
+    tmp_path: Path, sim: Simulator, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full: a log line, readyz 503 with the reason, store_healthy 0, an ERROR alert,
+    status still answering, nothing delivered or lost; space freed: the held flicd press
+    and the HTTP signal (answered 503 while held) commit and are delivered."""
+    monkeypatch.setattr(flicbridge.server.app, "COMMIT_WAIT", 0.5)  # an HTTP caller's wait
+    config = trouble_config(tmp_path, sim, receiver)
+    with capture_logs() as logs:
+        async with (
+            asyncio.timeout(60),
+            running(config) as bridge,
+            aiohttp.ClientSession(bridge.url, headers=auth()) as http,
+        ):
+            await connected(bridge)
+            alerts = bridge.alerts_bus.subscribe("HIGH")
+            with other_connection(config.store.path) as other:
+                other.execute("CREATE TABLE ballast (b BLOB)")
+                other.execute("INSERT INTO ballast VALUES (zeroblob(1048576))")
+                assert await bridge.store.run(pin_size) == 0
+
+                sim.press(A, "single")
+                await wait_until(lambda: not bridge.health.store_ok)
+
+                async with http.get("/readyz") as r:
+                    assert r.status == 503
+                    reasons = (await r.json())["reasons"]
+                assert reasons == [
+                    "store cannot commit: OperationalError: database or disk is full"
+                ]
+                assert await scrape(http, "flicbridge_store_healthy") == (
+                    "flicbridge_store_healthy 0.0"
+                )
+                [alert] = errors(alerts)
+                assert "the store cannot commit" in alert and "disk is full" in alert
+                [line] = [e for e in logs if e["event"] == "store_commit_failing"]
+                assert line["log_level"] == "error" and "disk is full" in line["error"]
+                assert line["path"] == str(config.store.path)
+                async with http.get("/healthz") as r:
+                    assert r.status == 200
+                async with http.get("/api/v1/status") as r:  # status answers meanwhile
+                    assert r.status == 200
+                    status = await r.json()
+                assert status["store"]["ok"] is False and status["ready"] is False
+
+                # An HTTP caller is told its signal is held, not that it failed or landed.
+                async with http.post("/api/v1/buttons/desk/signal", json={"state": "On"}) as r:
+                    assert r.status == 503
+                    assert (await r.json())["error"] == "store is slow"
+                assert bridge.store.waiting == 2
+                assert receiver.requests == []
+                assert other.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+
+                other.execute("DELETE FROM ballast")  # space is freed
+
+                got = await receiver.wait_for(2, timeout=20)
+            assert {(r.body["flic_nameId"], r.body["flic_state"]) for r in got} == {
+                ("alpha", "On"),
+                ("desk", "On"),
+            }
+            alpha = next(r for r in got if r.body["flic_nameId"] == "alpha")
+            assert alpha.body["info"] == LONG_INFO
+            await wait_until(lambda: bridge.health.store_ok)
+            async with http.get("/readyz") as r:
+                assert r.status == 200
+            assert await scrape(http, "flicbridge_store_healthy") == "flicbridge_store_healthy 1.0"
+            decisions = [
+                (e["button_id"], e["decision"]) for e in await bridge.store.recent_events()
+            ]
+            assert sorted(decisions) == [("alpha", "open"), ("desk", "open")]
+            await wait_until(lambda: bridge.store.waiting == 0)  # nothing is held any more
+    events = [e["event"] for e in logs]
+    assert "store_recovered" in events
+    assert "press_lost" not in events and "commit_failed" not in events
+
+
+async def test_read_only_disk_bounds_the_hold_and_never_crashes(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
+    """Read-only disk: presses are held up to max_held; past it a flicd press is logged as
+    LOST with its details and an HTTP signal gets 503 at once; the daemon keeps answering
+    and stops cleanly, naming each held signal it could not write."""
+    config = trouble_config(tmp_path, sim, receiver)
+    with capture_logs() as logs:
+        async with (
+            asyncio.timeout(60),
+            running(config) as bridge,
+            aiohttp.ClientSession(bridge.url, headers=auth()) as http,
+        ):
+            await connected(bridge)
+            bridge.store.max_held = 3
+            alerts = bridge.alerts_bus.subscribe("HIGH")
+            await bridge.store.run(lambda conn: conn.execute("PRAGMA query_only = ON"))
+
+            sim.press(A, "single")  # open
+            await wait_until(lambda: not bridge.health.store_ok)
+            async with http.get("/readyz") as r:
+                assert r.status == 503
+                reasons = (await r.json())["reasons"]
+            assert reasons == [
+                "store cannot commit: OperationalError: attempt to write a readonly database"
+            ]
+            sim.press(A, "single")  # appended
+            sim.press(A, "hold")  # appended
+            await wait_until(lambda: bridge.store.waiting == 3)
+            errors(alerts)  # the "cannot commit" alert; the next one is the loss
+
+            sim.press(A, "double")  # close: one too many
+            await wait_until(lambda: any(e["event"] == "press_lost" for e in logs))
+            [lost] = [e for e in logs if e["event"] == "press_lost"]
+            assert lost["log_level"] == "error"
+            assert (lost["button"], lost["click"], lost["state"]) == (
+                "alpha",
+                "double_click",
+                "Off",
+            )
+            assert "max_held" in lost["reason"] and "readonly" in lost["reason"]
+            assert lost["pressed_at"]
+            [alert] = errors(alerts)
+            assert "Alpha" in alert and "LOST" in alert
+            # A refused press moves no state: the alert is still open as the person left it.
+            assert bridge.states["alpha"].is_open
+
+            async with http.post("/api/v1/buttons/desk/signal", json={"state": "On"}) as r:
+                assert r.status == 503
+                body = await r.json()
+            assert body["error"] == "store unavailable" and "max_held" in body["detail"]
+            assert "desk" not in bridge.states
+
+            async with http.get("/healthz") as r:
+                assert r.status == 200
+            assert await scrape(http, "flicbridge_store_healthy") == "flicbridge_store_healthy 0.0"
+            assert bridge.store.waiting == 3
+            assert receiver.requests == []
+        # The bridge stopped without raising; each held signal is named as it is given up.
+    failed = [e for e in logs if e["event"] == "commit_failed"]
+    assert [(e["button"], e["decision"], e["click"]) for e in failed] == [
+        ("alpha", "open", "single_click"),
+        ("alpha", "appended", "single_click"),
+        ("alpha", "appended", "hold"),
+    ]
+    assert all(e["log_level"] == "error" and e["pressed_at"] for e in failed)
+    assert [e["event"] for e in logs][-1] == "stopped"
+    with other_connection(config.store.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
