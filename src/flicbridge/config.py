@@ -125,6 +125,14 @@ class FlashdutyConfig(_Section):
     secret: Secret | None = None
 
 
+class IngestConfig(_Section):
+    """Per-source tokens for POST /api/v1/ingest/flic, for clients that cannot set headers."""
+
+    tokens: dict[Annotated[str, Field(pattern=_ID)], Secret] = Field(default_factory=dict)
+    rate: float = Field(10.0, gt=0)  # requests per second per source (token bucket)
+    burst: int = Field(20, ge=1)
+
+
 class ButtonConfig(_Section):
     id: Annotated[str, Field(pattern=_ID)]
     address: str | None = None
@@ -218,6 +226,7 @@ class Config(BaseSettings):
     alerts: AlertsConfig = AlertsConfig()
     ilert: IlertConfig = IlertConfig()
     flashduty: FlashdutyConfig = FlashdutyConfig()
+    ingest: IngestConfig = IngestConfig()
     buttons: tuple[ButtonConfig, ...] = ()
     sinks: tuple[SinkConfig, ...] = ()
 
