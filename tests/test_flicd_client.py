@@ -32,10 +32,10 @@ async def sim() -> AsyncIterator[Simulator]:
     await simulator.stop()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:  # noqa: ASYNC109
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
     """Poll simulator state (nothing signals it) until the condition holds."""
     async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110  # no event to wait on: polling is the point
+        while not predicate():  # no event to wait on: polling is the point
             await asyncio.sleep(0.01)
 
 

@@ -56,7 +56,7 @@ class Recorder:
     def count(self, event: tuple[Any, ...]) -> int:
         return sum(1 for e in self.events if e[: len(event)] == event)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         async with asyncio.timeout(timeout):
             while not predicate():
                 self._changed.clear()
@@ -66,15 +66,15 @@ class Recorder:
         self,
         event: tuple[Any, ...],
         n: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> None:
         await self.wait_for(lambda: self.count(event) >= n, timeout)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll a condition nothing signals (simulator and backoff state) until it holds."""
     async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110  # no event to wait on: polling is the point
+        while not predicate():  # no event to wait on: polling is the point
             await asyncio.sleep(0.01)
 
 

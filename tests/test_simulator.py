@@ -56,7 +56,7 @@ class SyncClient:
     def record(self, *tag: Any) -> Callable[..., None]:
         return lambda *args: self.events.put((*tag, *args))
 
-    async def next(self, timeout: float = 2.0) -> tuple[Any, ...]:  # noqa: ASYNC109
+    async def next(self, timeout: float = 2.0) -> tuple[Any, ...]:
         return await asyncio.to_thread(self.events.get, True, timeout)
 
     async def take(self, count: int) -> list[tuple[Any, ...]]:

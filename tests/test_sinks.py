@@ -316,9 +316,7 @@ def test_pagerduty_limits_and_hostname_source() -> None:
     """Summary ≤ 1024 keeping the press time, dedup_key ≤ 255, source = hostname without site."""
     sink = make_sink({"type": "pagerduty", "routing_key": "R" * 32}, site=None)
     assert sink.url == "https://events.pagerduty.com/v2/enqueue"
-    message = make_message(
-        "open", info="x" * 5000, alert_key="k" * 400, delay_s=90.0, queued=True
-    )
+    message = make_message("open", info="x" * 5000, alert_key="k" * 400, delay_s=90.0, queued=True)
     body = sink.build(message).json
     summary = body["payload"]["summary"]
     assert len(summary) == 1024

@@ -185,11 +185,16 @@ class Bridge:
 
     def _sources(self) -> list[tuple[str, Any]]:
         coroutines: list[tuple[str, Any]] = []
-        flicd_buttons = {
-            b.address.lower(): b.id
-            for b in self.config.buttons
-            if b.source == "flicd" and b.address is not None
-        }
+
+        def addresses(source: str) -> dict[str, str]:
+            """Address → button id of the buttons this source serves."""
+            return {
+                b.address.lower(): b.id
+                for b in self.config.buttons
+                if b.source == source and b.address is not None
+            }
+
+        flicd_buttons = addresses("flicd")
         if flicd_buttons:
             from flicbridge.sources.flicd import FlicdSource
 
@@ -204,6 +209,18 @@ class Bridge:
             self.health.source_up["flicd"] = False
             self.health.source_detail["flicd"] = "connecting"
             coroutines.append(("source:flicd", source.run()))
+        ble_buttons = addresses("ble")
+        if ble_buttons:
+            from flicbridge.sources.ble import BleSource  # loads pyflic-ble only in its run()
+
+            ble = BleSource(
+                buttons=ble_buttons,
+                listener=self,
+                pairings=self.config.store.path.parent / "ble-pairings.json",
+            )
+            self.health.source_up["ble"] = False
+            self.health.source_detail["ble"] = "starting"
+            coroutines.append(("source:ble", ble.run()))
         return coroutines
 
     def _queue_depth(self, sink_id: str) -> float:

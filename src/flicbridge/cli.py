@@ -387,7 +387,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     try:
         result, address, name = asyncio.run(
-            run_scan_wizard(config.flicd.host, config.flicd.port, args.timeout)
+            run_scan_wizard(
+                config.flicd.host,
+                config.flicd.port,
+                args.timeout,
+                on_progress=lambda text: print(f"  {text}", flush=True),
+            )
         )
     except (OSError, TimeoutError) as exc:
         raise CliError(
@@ -395,10 +400,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
         ) from None
     if address is None or result != "WizardSuccess":
         raise CliError(f"no button paired: {result}")
-    button_id = (name or address.replace(":", "")).lower().replace(" ", "-")
+    import re
+
+    # A button's advertised name may hold any character: the id keeps the ones an id may
+    # have, and every string is written as a JSON string, which TOML reads as the same text.
+    button_id = re.sub(r"[^a-z0-9_.:-]+", "-", (name or "").lower()).strip("-_.:")
+    button_id = button_id[:100] or address.replace(":", "")
     print(f"Paired {name or 'a button'} at {address}. Add this to {_config_path(args)}:\n")
     print(
-        f'[[buttons]]\nid = "{button_id}"\naddress = "{address}"\nname = "{name or button_id}"\n'
+        f"[[buttons]]\nid = {json.dumps(button_id)}\naddress = {json.dumps(address)}\n"
+        f"name = {json.dumps(name or button_id)}\n"
         'info = ""\non = ["single_click", "hold"]\noff = ["double_click"]\n'
     )
     return EXIT_OK

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flicbridge import __version__
 from flicbridge.domain import Signal, SignalState, utcnow
+from flicbridge.server import ingest
 
 if TYPE_CHECKING:
     from flicbridge.app import Bridge
@@ -82,7 +83,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason, None)
+        response = error(exc.status, exc.reason, None)
+        if "Allow" in exc.headers:  # a 405 must say which methods the path has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -94,10 +98,12 @@ def _token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    cookie = request.cookies.get("flicbridge_token")
-    if cookie:
-        return cookie
-    return request.query.get("token")
+    # A token in the URL is what the person typed now: it wins over a cookie a browser
+    # kept from before the token was changed (the status page then replaces the cookie).
+    query = request.query.get("token")
+    if query:
+        return query
+    return request.cookies.get("flicbridge_token") or None
 
 
 def _requires_token(request: web.Request) -> bool:
@@ -107,7 +113,8 @@ def _requires_token(request: web.Request) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if _requires_token(request):
+    # ingest.middleware (before this one) admits ingest requests by a source's own token.
+    if _requires_token(request) and ingest.SOURCE not in request:
         configured = request.app[BRIDGE].config.server.token
         if configured is None:
             return error(403, "API disabled", "set [server] token to use /api/v1 and /")
@@ -153,6 +160,7 @@ class IngestBody(BaseModel):
 async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any]:
     """Submit a signal and wait for its commit; JSON of the decision."""
     from flicbridge.app import NotAccepting, UnknownButton
+    from flicbridge.store import StoreError
 
     try:
         future = bridge.submit(signal, **kwargs)
@@ -160,6 +168,8 @@ async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any
         raise ApiError(503, "shutting down", None) from None
     except UnknownButton:
         raise ApiError(404, "unknown button", signal.button_id) from None
+    except StoreError as exc:  # commits are failing and the store holds all it may
+        raise ApiError(503, "store unavailable", str(exc)) from None
     try:
         async with asyncio.timeout(COMMIT_WAIT):
             accepted = await asyncio.shield(future)
@@ -309,6 +319,7 @@ async def ingest_flic(request: web.Request) -> web.Response:
         origin="ingest",
         received_at=utcnow(),
         info=body.info,
+        actor=request.get(ingest.SOURCE, ""),  # the [ingest] source, if its token admitted it
     )
     return web.json_response(await accept(bridge, signal), status=202)
 
@@ -342,9 +353,12 @@ async def outbox(request: web.Request) -> web.Response:
 
 def _row_id(request: web.Request) -> int:
     try:
-        return int(request.match_info["row"])
+        row_id = int(request.match_info["row"])
     except ValueError:
         raise ApiError(400, "row id must be a number", request.match_info["row"]) from None
+    if not 0 <= row_id < 2**63:  # SQLite integers are 64-bit: a bigger one cannot be bound
+        raise ApiError(400, "row id out of range", request.match_info["row"])
+    return row_id
 
 
 async def outbox_retry(request: web.Request) -> web.Response:
@@ -368,15 +382,17 @@ async def outbox_drop(request: web.Request) -> web.Response:
 def build_app(bridge: Bridge) -> web.Application:
     """The aiohttp application for one bridge."""
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY
+        middlewares=[errors_middleware, ingest.middleware, auth_middleware],
+        client_max_size=MAX_BODY,
     )
     app[BRIDGE] = bridge
+    app[ingest.GATE] = ingest.IngestGate(bridge.config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/buttons/{id}/signal", button_signal)
-    app.router.add_post("/api/v1/ingest/flic", ingest_flic)
+    app.router.add_post(ingest.PATH, ingest_flic)
     app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_post("/api/v1/outbox/{row}/retry", outbox_retry)
     app.router.add_delete("/api/v1/outbox/{row}", outbox_drop)
