@@ -102,7 +102,10 @@ class Bridge:
         self.alerts_bus = AlertBus()
         self.health = Health()
         self.store = Store(
-            config.store.path, history=config.store.history, on_health=self._store_health
+            config.store.path,
+            history=config.store.history,
+            on_health=self._store_health,
+            clock=clock,
         )
         self.sinks: dict[str, Sink] = {s.id: build_sink(s, config.site) for s in config.sinks}
         self.dispatcher = Dispatcher(
@@ -409,11 +412,13 @@ class Bridge:
                 return
             c = done.result()
             if c.duplicate:
-                # Nothing was written: undo the in-memory move.
-                if previous is None:
-                    self.states.pop(after.alert_key, None)
-                else:
-                    self.states[after.alert_key] = previous
+                # Nothing was written: undo the in-memory move, unless a later signal for
+                # the same key has moved the state on since.
+                if self.states.get(after.alert_key) is after:
+                    if previous is None:
+                        self.states.pop(after.alert_key, None)
+                    else:
+                        self.states[after.alert_key] = previous
                 log.info("callback_duplicate", button=button.id, origin=signal.origin)
                 result.set_result(Accepted(0, decision, (), duplicate=True))
                 return
@@ -479,6 +484,11 @@ class Bridge:
             button=button.id,
         )
         if decision is Decision.OPEN:
+            now = self.clock()
+            # Forget tokens a day after they expired (until then they still answer 409/410).
+            stale = [t for t, e in self.tokens.items() if now - e.created > 2 * TOKEN_LIFETIME]
+            for old in stale:
+                del self.tokens[old]
             token = secrets.token_urlsafe(24)
             self.tokens[token] = ExecToken(button.id, event, self.clock())
             self.alerts_bus.publish(

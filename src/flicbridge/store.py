@@ -203,8 +203,10 @@ class Store:
         on_health: Callable[[bool, str], None] | None = None,
         max_batch: int = 512,
         max_held: int = 1000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.clock = clock  # stamps rows; the dispatcher measures their age on the same clock
         self.history = history
         self.max_batch = max_batch
         self.max_held = max_held
@@ -415,7 +417,7 @@ class Store:
                 inserted = conn.execute(
                     "INSERT OR IGNORE INTO callbacks (source, event_id, received_at)"
                     " VALUES (?, ?, ?)",
-                    (callback[0], callback[1], time.time()),
+                    (callback[0], callback[1], self.clock()),
                 ).rowcount
                 if not inserted:
                     return Committed(event_id=0, rows=(), duplicate=True)
@@ -440,7 +442,7 @@ class Store:
             )
             event_id = int(cur.lastrowid or 0)
             _save_alert(conn, alert, event_id)
-            now = time.time()
+            now = self.clock()
             rows = []
             for sink_id, message in pending:
                 message = replace(message, event=event_id)
@@ -472,7 +474,7 @@ class Store:
             conn.execute(
                 "UPDATE outbox SET status = 'delivered', last_status = ?, last_error = NULL,"
                 " done_at = ?, attempts = attempts + 1 WHERE id = ?",
-                (status, time.time(), row_id),
+                (status, self.clock(), row_id),
             )
             # Trim history now and then, not on every delivery.
             if row_id % 64 == 0:
@@ -508,7 +510,7 @@ class Store:
             conn.execute(
                 "UPDATE outbox SET status = 'dead', attempts = ?, last_status = ?,"
                 " last_error = ?, done_at = ? WHERE id = ? AND status = 'pending'",
-                (attempts, status, error, time.time(), row_id),
+                (attempts, status, error, self.clock(), row_id),
             )
 
         return self.submit(op)
