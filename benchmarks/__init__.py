@@ -1,0 +1,6 @@
+"""flicbridge benchmarks: numbers measured here, each beside a baseline from the same run.
+
+``python -m benchmarks [latency|burst|idle|growth|all] [--quick]`` prints a table and the
+same numbers as JSON. ``harness`` (a real daemon process, a notify socket, a loopback
+receiver, /proc readings) is shared with the crash and fault tests.
+"""
