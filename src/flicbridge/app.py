@@ -151,6 +151,7 @@ class Bridge:
         runner: web.AppRunner | None = None
         try:
             self.states = await self.store.alerts()
+            await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, self.config.server.host, self.config.server.port)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,11 +28,12 @@ import structlog
 
 from flicbridge.delivery import Outcome, attempt, next_delay
 from flicbridge.sinks.base import Sink
-from flicbridge.store import OutboxRow, Store
+from flicbridge.store import OutboxRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
 FRESH = 60.0  # seconds: a row this young on its first attempt is a live press, not backlog
+WINDOW = 32  # rows of one lane held in memory; the rest of a backlog stays on disk
 
 
 class DeliveryListener(Protocol):
@@ -77,12 +79,24 @@ class SinkGate:
 
 @dataclass
 class Lane:
+    """One (sink, alert key): a short window of its rows in memory, the rest on disk.
+
+    Rows with an id above ``upto`` are only in the store while ``on_disk`` is set; the
+    lane reads them a page at a time, so memory does not grow with the backlog.
+    """
+
     rows: deque[OutboxRow] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    on_disk: bool = False
+    upto: int = 0
+    loading: bool = False
+    arrived: list[OutboxRow] = field(default_factory=list)  # added while a page loads
+    oldest: float | None = None  # created_at of the oldest row while none is in memory
 
 
 class Dispatcher:
-    """Owns every delivery; ``run`` until cancelled, ``add`` rows after they commit."""
+    """Owns every delivery; ``prepare`` finds the backlog, ``run`` until cancelled, ``add``
+    rows after they commit."""
 
     def __init__(
         self,
@@ -108,21 +122,33 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.gates = {sid: SinkGate(rate=s.rate, burst=s.burst) for sid, s in sinks.items()}
         self.lanes: dict[tuple[str, str], Lane] = {}
+        self.pending: dict[str, int] = dict.fromkeys(sinks, 0)
+        self._forgotten: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        self._running = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     # -- public ----------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Find every lane with pending rows in one grouped read (no row is loaded yet)."""
+        for sink_id, alert_key, count, oldest in await self.store.lanes():
+            if sink_id not in self.sinks:
+                log.warning("rows_for_unknown_sink", sink=sink_id, rows=count)
+                continue
+            self.lanes[(sink_id, alert_key)] = Lane(on_disk=True, oldest=oldest)
+            self.pending[sink_id] += count
+
     async def run(self) -> None:
-        """Load pending rows, then deliver until cancelled."""
-        connector = aiohttp.TCPConnector(limit=64, limit_per_host=16)
-        self._session = aiohttp.ClientSession(connector=connector)
+        """Deliver until cancelled (lanes start here; ``add`` before it only queues)."""
+        self._running = True
+        for key, lane in list(self.lanes.items()):
+            self._spawn(key, lane)
         try:
-            self.add(await self.store.pending())
             await asyncio.Event().wait()
         finally:
             await self._shutdown()
@@ -133,19 +159,61 @@ class Dispatcher:
             if row.sink_id not in self.sinks:
                 log.warning("row_for_unknown_sink", row=row.id, sink=row.sink_id)
                 continue
+            self.pending[row.sink_id] += 1
             key = (row.sink_id, row.alert_key)
             lane = self.lanes.get(key)
             if lane is None:
                 lane = self.lanes[key] = Lane()
-                self._spawn(key, lane)
-            if lane.rows and lane.rows[-1].id > row.id:
-                lane.rows = deque(sorted([*lane.rows, row], key=lambda r: r.id))
-            else:
-                lane.rows.append(row)
+                if self._running:
+                    self._spawn(key, lane)
+            self._place(lane, row)
             lane.wake.set()
 
-    def forget(self, row_id: int) -> None:
-        """An operator dropped a row: stop trying it (an attempt in flight still ends)."""
+    def _place(self, lane: Lane, row: OutboxRow) -> None:
+        if lane.loading:
+            lane.arrived.append(row)
+            return
+        if lane.on_disk and row.id > lane.upto:
+            return  # committed: a later page reads it, in order
+        if lane.rows and lane.rows[-1].id > row.id:
+            lane.rows = deque(sorted([*lane.rows, row], key=lambda r: r.id))
+        else:
+            lane.rows.append(row)
+        lane.upto = max(lane.upto, row.id)
+        self._trim(lane)
+
+    def _trim(self, lane: Lane) -> None:
+        """Keep at most WINDOW rows in memory; the head stays (it may be in flight)."""
+        if len(lane.rows) > WINDOW:
+            while len(lane.rows) > WINDOW:
+                lane.rows.pop()
+            lane.on_disk = True
+            lane.upto = lane.rows[-1].id
+
+    async def _load(self, key: tuple[str, str], lane: Lane) -> None:
+        """Read the lane's next page of rows from the store."""
+        lane.loading = True
+        try:
+            page = await self.store.lane_page(key[0], key[1], lane.upto, WINDOW)
+        finally:
+            lane.loading = False
+        arrived, lane.arrived = lane.arrived, []
+        lane.on_disk = len(page) >= WINDOW
+        if page:
+            lane.upto = page[-1].id
+        rows = {r.id: r for r in page if r.id not in self._forgotten}
+        for row in arrived:
+            if row.id not in rows and (not lane.on_disk or row.id <= lane.upto):
+                rows[row.id] = row
+        lane.rows = deque(sorted(rows.values(), key=lambda r: r.id))
+        lane.upto = max([lane.upto, *rows])
+        lane.oldest = None
+        self._trim(lane)
+
+    def forget(self, row_id: int, sink_id: str) -> None:
+        """An operator dropped a pending row: stop trying it (an attempt in flight ends)."""
+        self._forgotten.add(row_id)
+        self.pending[sink_id] = max(0, self.pending.get(sink_id, 0) - 1)
         for lane in self.lanes.values():
             for row in list(lane.rows):
                 if row.id == row_id:
@@ -154,18 +222,15 @@ class Dispatcher:
                     return
 
     def depth(self) -> dict[str, int]:
-        """Pending rows per sink as the dispatcher holds them."""
-        out = dict.fromkeys(self.sinks, 0)
-        for (sink_id, _), lane in self.lanes.items():
-            out[sink_id] += len(lane.rows)
-        return out
+        """Pending rows per sink, in memory or on disk."""
+        return dict(self.pending)
 
     def oldest(self) -> dict[str, float | None]:
         """Creation time of the oldest pending row per sink."""
         out: dict[str, float | None] = dict.fromkeys(self.sinks)
         for (sink_id, _), lane in self.lanes.items():
-            if lane.rows:
-                first = lane.rows[0].created_at
+            first = lane.rows[0].created_at if lane.rows else lane.oldest
+            if first is not None:
                 current = out[sink_id]
                 out[sink_id] = first if current is None else min(current, first)
         return out
@@ -195,7 +260,16 @@ class Dispatcher:
         gate = self.gates[key[0]]
         bound = log.bind(sink=sink.id, alert_key=key[1])
         try:
-            while lane.rows and not self._stopping:
+            while not self._stopping:
+                if not lane.rows:
+                    if not lane.on_disk:
+                        break
+                    try:
+                        await self._load(key, lane)
+                    except (StoreError, sqlite3.Error) as exc:
+                        bound.error("lane_read_failed", error=str(exc))
+                        await self._sleep(lane, 1.0)
+                    continue
                 row = lane.rows[0]
                 now = self.clock()
                 if self.max_age and now - row.created_at > self.max_age:
@@ -208,7 +282,7 @@ class Dispatcher:
                         pause_sink=False,
                     )
                     await self._dead(bound, row, outcome)
-                    lane.rows.popleft()
+                    _remove_head(lane, row)
                     continue
                 wait = max(row.next_attempt_at, gate.paused_until) - now
                 if wait > 0:
@@ -221,7 +295,8 @@ class Dispatcher:
                     continue
                 await self._attempt(bound, sink, gate, lane, row)
         finally:
-            if self.lanes.get(key) is lane and not lane.rows:
+            idle = not lane.rows and not lane.on_disk
+            if self.lanes.get(key) is lane and idle:
                 del self.lanes[key]
             elif self.lanes.get(key) is lane and not self._stopping:
                 # Rows arrived as the loop ended: keep the lane going.
@@ -243,7 +318,9 @@ class Dispatcher:
         lane: Lane,
         row: OutboxRow,
     ) -> None:
-        assert self._session is not None
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=64, limit_per_host=16)
+            self._session = aiohttp.ClientSession(connector=connector)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -268,14 +345,15 @@ class Dispatcher:
                 attempts=attempts,
                 url=sink.public_url,
             )
-            lane.rows.popleft()
+            _remove_head(lane, row)
+            self._finished(row)
             if self.listener:
                 self.listener.delivered(replace(row, attempts=attempts), outcome, latency)
             return
         gate.last_error = outcome.detail
         if outcome.kind == "dead":
             await self._dead(bound, replace(row, attempts=attempts), outcome)
-            lane.rows.popleft()
+            _remove_head(lane, row)
             return
         if gate.failing_since is None:
             gate.failing_since = now
@@ -284,13 +362,15 @@ class Dispatcher:
             gate.paused_until = max(gate.paused_until, now + delay)
         retry_at = now + delay
         await self.store.schedule_retry(row.id, attempts, retry_at, outcome.status, outcome.detail)
-        lane.rows[0] = replace(
+        row = replace(
             row,
             attempts=attempts,
             next_attempt_at=retry_at,
             last_status=outcome.status,
             last_error=outcome.detail,
         )
+        if lane.rows and lane.rows[0].id == row.id:  # not dropped by an operator meanwhile
+            lane.rows[0] = row
         bound.warning(
             "delivery_failed",
             row=row.id,
@@ -302,12 +382,13 @@ class Dispatcher:
             url=sink.public_url,
         )
         if self.listener:
-            self.listener.retrying(lane.rows[0], outcome, delay)
+            self.listener.retrying(row, outcome, delay)
 
     async def _dead(
         self, bound: structlog.typing.FilteringBoundLogger, row: OutboxRow, outcome: Outcome
     ) -> None:
         await self.store.dead_letter(row.id, row.attempts, outcome.status, outcome.detail)
+        self._finished(row)
         bound.error(
             "dead_lettered",
             row=row.id,
@@ -319,6 +400,13 @@ class Dispatcher:
         if self.listener:
             self.listener.dead(replace(row, status="dead", last_error=outcome.detail), outcome)
 
+    def _finished(self, row: OutboxRow) -> None:
+        """A row left the pending set (delivered or dead); a dropped one was counted already."""
+        if row.id in self._forgotten:
+            self._forgotten.discard(row.id)
+        else:
+            self.pending[row.sink_id] -= 1
+
     async def _shutdown(self) -> None:
         self._stopping = True
         for task in list(self._tasks):
@@ -328,3 +416,9 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _remove_head(lane: Lane, row: OutboxRow) -> None:
+    """Take a finished row off its lane, unless an operator already dropped it."""
+    if lane.rows and lane.rows[0].id == row.id:
+        lane.rows.popleft()

@@ -141,4 +141,6 @@ class Message:
             "site": self.site,
             "severity": self.severity,
             "name_id": self.name_id,
+            "event": str(self.event),
+            "origin": self.origin,
         }

@@ -181,6 +181,14 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        # The file may be fine: the daemon cannot open or write it (permissions, a
+        # read-only or full disk, a missing folder). Say so, not "damaged".
+        raise StoreError(
+            f"{path}: cannot open the store for writing ({exc}); check that the file and "
+            "its folder are writable by this user (not read-only) and the disk has free "
+            "space. The file was left untouched"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(
             f"{path}: not a usable SQLite store ({exc}); it was left untouched — move it "
@@ -528,6 +536,33 @@ class Store:
         """Alert state as last committed, by alert key."""
         return await self.run(load_alerts)
 
+    async def lanes(self) -> list[tuple[str, str, int, float]]:
+        """(sink id, alert key, pending rows, oldest created_at) of every lane with work."""
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, int, float]]:
+            cur = conn.execute(
+                "SELECT sink_id, alert_key, COUNT(*), MIN(created_at) FROM outbox"
+                " WHERE status = 'pending' GROUP BY sink_id, alert_key"
+            )
+            return [(r[0], r[1], int(r[2]), float(r[3])) for r in cur]
+
+        return await self.read(op)
+
+    async def lane_page(
+        self, sink_id: str, alert_key: str, after_id: int, limit: int
+    ) -> list[OutboxRow]:
+        """The next pending rows of one lane, in id order, after ``after_id``."""
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            cur = conn.execute(
+                "SELECT * FROM outbox WHERE status = 'pending' AND sink_id = ?"
+                " AND alert_key = ? AND id > ? ORDER BY id LIMIT ?",
+                (sink_id, alert_key, after_id, limit),
+            )
+            return [_row(r) for r in cur]
+
+        return await self.read(op)
+
     async def rows(self, status: str, limit: int = 100) -> list[OutboxRow]:
         """Newest rows of a status (pending, dead, delivered) for the status API."""
 
@@ -543,8 +578,8 @@ class Store:
         """Make a dead row (or every dead row with None) pending again; return them."""
         return await self.run(lambda conn: requeue_dead(conn, row_id))
 
-    async def drop(self, row_id: int) -> bool:
-        """Delete a dead or pending row an operator gave up on."""
+    async def drop(self, row_id: int) -> tuple[str, str] | None:
+        """Delete a dead or pending row an operator gave up on: (status, sink id) or None."""
         return await self.run(lambda conn: drop_row(conn, row_id))
 
     async def counts(self) -> dict[str, dict[str, int]]:
@@ -628,10 +663,13 @@ def requeue_dead(conn: sqlite3.Connection, row_id: int | None) -> list[OutboxRow
     return [_row(r) for r in cur]
 
 
-def drop_row(conn: sqlite3.Connection, row_id: int) -> bool:
-    return (
-        conn.execute(
-            "DELETE FROM outbox WHERE id = ? AND status IN ('dead', 'pending')", (row_id,)
-        ).rowcount
-        > 0
-    )
+def drop_row(conn: sqlite3.Connection, row_id: int) -> tuple[str, str] | None:
+    """Delete a dead or pending row: (the status it had, its sink id), or None if none."""
+    found = conn.execute(
+        "SELECT status, sink_id FROM outbox WHERE id = ? AND status IN ('dead', 'pending')",
+        (row_id,),
+    ).fetchone()
+    if found is None:
+        return None
+    conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+    return str(found[0]), str(found[1])

@@ -373,9 +373,12 @@ async def outbox_retry(request: web.Request) -> web.Response:
 async def outbox_drop(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     row_id = _row_id(request)
-    if not await bridge.store.drop(row_id):
+    dropped = await bridge.store.drop(row_id)
+    if dropped is None:
         raise ApiError(404, "no pending or dead row with that id", row_id)
-    bridge.dispatcher.forget(row_id)
+    status, sink_id = dropped
+    if status == "pending":
+        bridge.dispatcher.forget(row_id, sink_id)
     return web.json_response({"dropped": row_id})
 
 

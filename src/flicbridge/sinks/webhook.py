@@ -25,6 +25,8 @@ PLACEHOLDERS = frozenset(
         "site",
         "severity",
         "name_id",
+        "event",
+        "origin",
     }
 )
 
