@@ -119,8 +119,11 @@ class Bridge:
             clock=clock,
         )
         self.states: dict[str, AlertState] = {}
+        self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
         self.tokens: dict[str, ExecToken] = {}
+        self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
+        self._tokens_pruned = clock()
         self.accepting = False
         self.started_at = clock()
         self.url: str | None = None
@@ -238,26 +241,31 @@ class Bridge:
 
     def press(self, press: Press) -> None:
         """A gesture arrived: map it, decide, commit; never blocks the loop."""
-        button = self.config.button(press.button_id)
+        button = self.button_config.get(press.button_id)
         if button is None:
             log.warning("press_unknown_button", button=press.button_id)
             return
-        bound = log.bind(button=button.id, click=press.click.value, source=press.source)
+
+        ctx = {"button": button.id, "click": press.click.value, "source": press.source}
+
         max_age = self.config.alerts.max_press_age
         if press.queued:
-            bound.info(
+            log.info(
                 "late_press",
+                **ctx,
                 delay_s=round(press.delay_s, 3),
                 pressed_at=press.pressed_at.isoformat(),
             )
         if max_age and press.delay_s > max_age:
-            bound.warning("press_dropped_too_old", delay_s=press.delay_s, max_press_age=max_age)
+            log.warning(
+                "press_dropped_too_old", **ctx, delay_s=press.delay_s, max_press_age=max_age
+            )
             self.metrics.dropped_presses.labels(button.id).inc()
             return
         state = self._state(button)
         signal_state = signal_for(button, press.click, state.is_open)
         if signal_state is None:
-            bound.info("press_unmapped")
+            log.info("press_unmapped", **ctx)
             return
         self.buttons[button.id].last_press = press.pressed_at.isoformat()
         try:
@@ -272,10 +280,11 @@ class Bridge:
                 )
             )
         except NotAccepting:
-            bound.warning("press_refused_shutting_down")
+            log.warning("press_refused_shutting_down", **ctx)
         except StoreError as exc:  # the store is failing and holds all it may (store.py)
-            bound.error(
+            log.error(
                 "press_lost",
+                **ctx,
                 reason=str(exc),
                 state=signal_state.value,
                 pressed_at=press.pressed_at.isoformat(),
@@ -336,7 +345,7 @@ class Bridge:
         return state
 
     def _name(self, button_id: str) -> str:
-        button = self.config.button(button_id)
+        button = self.button_config.get(button_id)
         return button.display_name if button else button_id
 
     def submit(
@@ -348,7 +357,7 @@ class Bridge:
         """
         if not self.accepting:
             raise NotAccepting("shutting down")
-        button = self.config.button(signal.button_id)
+        button = self.button_config.get(signal.button_id)
         if button is None:
             raise UnknownButton(signal.button_id)
         now = utcnow()
@@ -486,12 +495,16 @@ class Bridge:
         )
         if decision is Decision.OPEN:
             now = self.clock()
-            # Forget tokens a day after they expired (until then they still answer 409/410).
-            stale = [t for t, e in self.tokens.items() if now - e.created > 2 * TOKEN_LIFETIME]
-            for old in stale:
-                del self.tokens[old]
+            if now - self._tokens_pruned > 3600:
+                # Forget tokens a day after they expired (until then they answer 409/410).
+                self._tokens_pruned = now
+                for old in [
+                    t for t, e in self.tokens.items() if now - e.created > 2 * TOKEN_LIFETIME
+                ]:
+                    del self.tokens[old]
             token = secrets.token_urlsafe(24)
-            self.tokens[token] = ExecToken(button.id, event, self.clock())
+            self.tokens[token] = ExecToken(button.id, event, now)
+            self._live_tokens.setdefault(button.id, []).append(token)
             self.alerts_bus.publish(
                 "INFO",
                 "EXECUTE",
@@ -502,9 +515,10 @@ class Bridge:
                 button=button.id,
             )
         elif decision is Decision.CLOSE:
-            for tok in self.tokens.values():
-                if tok.button_id == button.id:
-                    tok.spent = True  # the alert it would close is closed
+            for token in self._live_tokens.pop(button.id, ()):
+                entry = self.tokens.get(token)  # None once pruned
+                if entry is not None:
+                    entry.spent = True  # the alert it would close is closed
 
     # -- DeliveryListener ------------------------------------------------------------
 
