@@ -410,3 +410,27 @@ async def test_get_button_info_uses_the_repaired_queue(sim: Simulator) -> None:
     assert len(uuid) == 32
     assert serial.startswith("SIM")
     client.close()
+
+
+async def test_skipped_families_are_not_decoded_and_the_listened_one_still_is() -> None:
+    """With the duplicate gesture families skipped, only SingleOrDoubleClickOrHold arrives."""
+    from flicbridge.sources.flicd_client import DUPLICATE_GESTURE_EVENTS
+
+    client = FixedFlicClient(asyncio.get_running_loop())
+    ups: list[Any] = []
+    clicks: list[Any] = []
+    channel = channel_recording(clicks)
+    channel.on_button_up_or_down = lambda _ch, click, _q, _d: ups.append(click)
+    client.add_connection_channel(channel)
+    up = encode_event(
+        "EvtButtonUpOrDown",
+        conn_id=channel._conn_id,
+        click_type=pyflic_asyncio.ClickType.ButtonDown,
+        was_queued=False,
+        time_diff=0,
+    )
+    client.data_received(up + click_packet(channel._conn_id))
+    assert len(ups) == 1 and len(clicks) == 1
+    client.skip_events = DUPLICATE_GESTURE_EVENTS
+    client.data_received(up + click_packet(channel._conn_id))
+    assert len(ups) == 1 and len(clicks) == 2

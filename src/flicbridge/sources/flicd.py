@@ -26,7 +26,7 @@ from pyflic import asyncio as pyflic_asyncio
 
 from flicbridge.domain import Click, Press, utcnow
 from flicbridge.sources import SourceListener
-from flicbridge.sources.flicd_client import FixedFlicClient, connect
+from flicbridge.sources.flicd_client import DUPLICATE_GESTURE_EVENTS, FixedFlicClient, connect
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +91,9 @@ class FlicdSource:
         while True:
             try:
                 client = await connect(self._host, self._port, self._connect_timeout)
+                # Only ButtonSingleOrDoubleClickOrHold is listened to; flicd sends every
+                # gesture four times over (one per family), so skip decoding the rest.
+                client.skip_events = DUPLICATE_GESTURE_EVENTS
             except (OSError, TimeoutError) as exc:
                 reason = f"connect to {self._host}:{self._port} failed: {exc or 'timed out'}"
                 self._report_link(False, reason)

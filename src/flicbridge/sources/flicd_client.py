@@ -33,6 +33,13 @@ _EVT_PING_RESPONSE = _OPCODE["EvtPingResponse"]
 _EVT_GET_BUTTON_INFO = _OPCODE["EvtGetButtonInfoResponse"]
 _EVT_BUTTON_DELETED = _OPCODE["EvtButtonDeleted"]
 _EVT_BATTERY_STATUS = _OPCODE["EvtBatteryStatus"]
+# The gesture families a channel reports besides ButtonSingleOrDoubleClickOrHold: the same
+# gesture again. A client that listens to that one family can skip decoding these.
+DUPLICATE_GESTURE_EVENTS = frozenset(
+    _OPCODE[name]
+    for name in ("EvtButtonUpOrDown", "EvtButtonClickOrHold", "EvtButtonSingleOrDoubleClick")
+)
+
 # Events whose first field is a conn_id / scan_wizard_id that must name a live object.
 _CONN_ID_EVENTS = frozenset(
     _OPCODE[name]
@@ -107,6 +114,7 @@ class FixedFlicClient(_UpstreamClient):  # type: ignore[misc]  # pyflic is untyp
         # Defect (b): upstream has no way to learn that the socket is gone.
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self._pings: dict[int, asyncio.Future[None]] = {}
+        self.skip_events: frozenset[int] = frozenset()  # opcodes dropped undecoded
 
     # -- connection lifecycle ---------------------------------------------------------
 
@@ -203,6 +211,8 @@ class FixedFlicClient(_UpstreamClient):  # type: ignore[misc]  # pyflic is untyp
         if not data:
             return
         opcode = data[0]
+        if opcode in self.skip_events:
+            return
         if opcode >= len(_UpstreamClient._EVENTS):
             log.debug("flicd_unknown_event", opcode=opcode)
             return
