@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -99,6 +100,13 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec.url = f"http://127.0.0.1:{port}"
     yield rec
     await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to a bridge under test."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 TOKEN = "test-token"

@@ -158,12 +158,6 @@ async def bridge(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Bridge]:
         yield running_bridge
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def post(
     http: aiohttp.ClientSession,
     bridge: Bridge,

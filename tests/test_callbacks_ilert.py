@@ -37,12 +37,6 @@ async def bridge(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Bridge]:
         yield running_bridge
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def seed_request(alert_key: str | None = "hq/desk", locale: str = "de") -> dict[str, Any]:
     """The seed's sample action request, its ``alert`` filled in like iLert's resource."""
     alert: dict[str, Any] = {"id": 4711, "summary": "Desk: panic button", "status": "PENDING"}

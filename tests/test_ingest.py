@@ -7,7 +7,6 @@ rate-limited per source.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,6 @@ def ingest_config(tmp_path: Path, receiver: Receiver, **extra: Any) -> Any:
     }
     sections.update(extra)
     return make_config(tmp_path, **sections)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def post(

@@ -76,12 +76,6 @@ async def stream(
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def bridge(tmp_path: Path) -> AsyncIterator[Bridge]:
     async with running(make_config(tmp_path)) as running_bridge:
         yield running_bridge

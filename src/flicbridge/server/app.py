@@ -21,7 +21,7 @@ from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.server import ingest
 
 if TYPE_CHECKING:
-    from flicbridge.app import Bridge
+    from flicbridge.app import Accepted, Bridge
     from flicbridge.config import ButtonConfig
 
 log = structlog.get_logger(__name__)
@@ -157,19 +157,24 @@ class IngestBody(BaseModel):
 # -- helpers ---------------------------------------------------------------------------
 
 
-async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any]:
-    """Submit a signal and wait for its commit; JSON of the decision."""
+def submit(bridge: Bridge, signal: Signal, **kwargs: Any) -> asyncio.Future[Accepted]:
+    """``bridge.submit`` with its refusals as the API's errors (503 / 404 / 503)."""
     from flicbridge.app import NotAccepting, UnknownButton
     from flicbridge.store import StoreError
 
     try:
-        future = bridge.submit(signal, **kwargs)
+        return bridge.submit(signal, **kwargs)
     except NotAccepting:
         raise ApiError(503, "shutting down", None) from None
     except UnknownButton:
         raise ApiError(404, "unknown button", signal.button_id) from None
     except StoreError as exc:  # commits are failing and the store holds all it may
         raise ApiError(503, "store unavailable", str(exc)) from None
+
+
+async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any]:
+    """Submit a signal and wait for its commit; JSON of the decision."""
+    future = submit(bridge, signal, **kwargs)
     try:
         async with asyncio.timeout(COMMIT_WAIT):
             accepted = await asyncio.shield(future)

@@ -35,10 +35,16 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from flicbridge.app import NotAccepting, UnknownButton
 from flicbridge.domain import Decision, Signal, SignalState, utcnow
-from flicbridge.server.app import BRIDGE, COMMIT_WAIT, ApiError, find_button, parse, read_json
-from flicbridge.store import StoreError
+from flicbridge.server.app import (
+    BRIDGE,
+    COMMIT_WAIT,
+    ApiError,
+    find_button,
+    parse,
+    read_json,
+    submit,
+)
 
 if TYPE_CHECKING:
     from flicbridge.app import Bridge
@@ -143,14 +149,7 @@ async def run_action(
     key = bridge.config.alert_key(button)
     before = bridge.states.get(key)
     was_open = before is not None and before.is_open
-    try:
-        future = bridge.submit(signal, callback=callback)
-    except NotAccepting:
-        raise ApiError(503, "shutting down", None) from None
-    except UnknownButton:
-        raise ApiError(404, "unknown button", button.id) from None
-    except StoreError as exc:  # commits are failing and the store holds all it may
-        raise ApiError(503, "store unavailable", str(exc)) from None
+    future = submit(bridge, signal, callback=callback)
     try:
         async with asyncio.timeout(COMMIT_WAIT if wait is None else wait):
             accepted = await asyncio.shield(future)
