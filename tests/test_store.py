@@ -109,3 +109,20 @@ async def test_corrupt_file_is_refused_and_kept(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=str(path)):
         await store.open()
     assert path.read_bytes().startswith(b"this is not a database")
+
+
+async def test_delivered_history_is_trimmed_to_the_newest(tmp_path: Path) -> None:
+    """Delivered rows are kept as bounded history: the newest ``history`` (trimmed in steps)."""
+    store = Store(tmp_path / "s.db", history=10)
+    await store.open()
+    rows = []
+    for _ in range(300):
+        c = await store.commit_event(event(), AlertState("b", "b"), [("s", message())])
+        rows += c.rows
+    for row in rows:
+        await store.mark_delivered(row.id, 202)
+    kept = await store.rows("delivered", 1000)
+    assert 10 <= len(kept) < 10 + 64
+    assert kept[0].id == rows[-1].id  # the newest survive
+    assert [r.id for r in kept] == sorted((r.id for r in kept), reverse=True)
+    await store.close()
