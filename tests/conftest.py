@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config, config_from_mapping
+from flicbridge.sources.simulator import Simulator
 
 
 @dataclass
@@ -107,6 +110,38 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session for talking to a bridge under test."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+EXE = [sys.executable, "-m", "flicbridge"]
+A = "80:e4:da:70:00:01"
+B = "80:e4:da:70:00:02"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for daemons run as subprocesses)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    """``flicbridge ARGS`` as a subprocess: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *EXE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    """The flicd simulator on a free port with buttons A (Alpha) and B (Bravo)."""
+    simulator = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha", B: "Bravo"})
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
 
 
 TOKEN = "test-token"

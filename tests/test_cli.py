@@ -3,15 +3,12 @@
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import TOKEN, Receiver, auth
-
-EXE = [sys.executable, "-m", "flicbridge"]
+from tests.conftest import EXE, TOKEN, Receiver, auth, cli, free_port
 
 
 def write_config(tmp_path: Path, receiver_url: str, **server: Any) -> Path:
@@ -39,24 +36,6 @@ url = "{receiver_url}/POSTAlert/SECRETKEY/Flic"
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
-
-
-async def cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *EXE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_check_config_ok_and_bad(tmp_path: Path, receiver: Receiver) -> None:

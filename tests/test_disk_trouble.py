@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,11 @@ from flicbridge.alerts import Subscriber
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import Receiver, auth, make_config, running
+from tests.conftest import A, Receiver, auth, make_config, running
 
-A = "80:e4:da:70:00:01"
 # More than a page (4 KiB) of button info: every open writes an outbox row that needs new
 # pages, so a store that may not grow cannot commit it.
 LONG_INFO = "Lab A, second floor, beside the fume hood. " * 150
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha"})
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 def trouble_config(tmp_path: Path, sim: Simulator, receiver: Receiver) -> Config:

@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import sqlite3
-import sys
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,21 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flicbridge.config import config_from_mapping
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import TOKEN, Receiver, auth, make_config, running
+from tests.conftest import EXE, TOKEN, A, B, Receiver, auth, cli, free_port, make_config, running
 
-EXE = [sys.executable, "-m", "flicbridge"]
-A = "80:e4:da:70:00:01"
-B = "80:e4:da:70:00:02"
 NEW = "80:e4:da:70:00:09"
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -92,17 +81,6 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def series(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
     return name, frozenset(labels.items())
-
-
-async def cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    """``flicbridge ARGS`` as a subprocess: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *EXE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def toml_config(

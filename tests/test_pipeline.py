@@ -1,26 +1,12 @@
 """End to end through real sockets: simulator → flicd source → bridge → store → sinks."""
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from flicbridge.config import Config
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import Receiver, make_config, running
-
-A = "80:e4:da:70:00:01"
-B = "80:e4:da:70:00:02"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha", B: "Bravo"})
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
+from tests.conftest import A, B, Receiver, make_config, running
 
 
 def flicd_config(tmp_path: Path, sim: Simulator, receiver: Receiver, **extra: Any) -> Config:

@@ -21,10 +21,9 @@ import aiohttp
 import pytest
 
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import TOKEN, Receiver, auth, make_config, running
+from tests.conftest import TOKEN, A, Receiver, auth, make_config, running
 
 CHROMIUM = Path("/usr/bin/chromium")
-A = "80:e4:da:70:00:01"
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -168,14 +167,6 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Page]:
         except TimeoutError:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    simulator = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha"})
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 def page_config(tmp_path: Path, sim: Simulator, receiver: Receiver) -> Any:
