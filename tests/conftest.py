@@ -181,5 +181,14 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Bridge]:
             await task
 
 
+async def open_alert(http: aiohttp.ClientSession, bridge: Bridge, button: str = "desk") -> None:
+    """Open a button's alert through the API and check it was decided "open"."""
+    async with http.post(
+        f"{bridge.url}/api/v1/buttons/{button}/signal", json={"state": "On"}, headers=auth()
+    ) as response:
+        assert response.status == 202
+        assert (await response.json())["decision"] == "open"
+
+
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}

@@ -14,7 +14,7 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from tests.conftest import Receiver, auth, make_config, running
+from tests.conftest import Receiver, make_config, open_alert, running
 
 HEADER = "X-Customize-Header-A"
 SECRET = "fd-secret-value"
@@ -169,14 +169,6 @@ async def post(
     url = f"{bridge.url}/flashduty/action/{action}"
     async with http.post(url, json=body, headers=headers) as response:
         return response.status, await response.json()
-
-
-async def open_alert(http: aiohttp.ClientSession, bridge: Bridge, button: str = "desk") -> None:
-    async with http.post(
-        f"{bridge.url}/api/v1/buttons/{button}/signal", json={"state": "On"}, headers=auth()
-    ) as response:
-        assert response.status == 202
-        assert (await response.json())["decision"] == "open"
 
 
 def event_count(path: Path) -> int:

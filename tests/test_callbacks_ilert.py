@@ -13,7 +13,7 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from tests.conftest import Receiver, auth, make_config, running
+from tests.conftest import Receiver, make_config, open_alert, running
 
 ILERT_AUTH = "some-optional-auth"  # the seed's sample header value
 
@@ -55,14 +55,6 @@ async def post(
     headers = {"Authorization": authorization} if authorization is not None else {}
     async with http.post(f"{bridge.url}{path}", json=body, headers=headers) as response:
         return response.status, await response.json()
-
-
-async def open_alert(http: aiohttp.ClientSession, bridge: Bridge, button: str = "desk") -> None:
-    async with http.post(
-        f"{bridge.url}/api/v1/buttons/{button}/signal", json={"state": "On"}, headers=auth()
-    ) as response:
-        assert response.status == 202
-        assert (await response.json())["decision"] == "open"
 
 
 async def test_seed_request_offers_close_and_rearm_in_german(
