@@ -46,6 +46,14 @@ class Recorder:
     def battery(self, button_id: str, percent: int) -> None:
         self._add("battery", button_id, percent)
 
+    def faults(self, source: str, reasons: list[str]) -> None:
+        self._add("faults", source, tuple(reasons))
+
+    @property
+    def current_faults(self) -> tuple[str, ...]:
+        reported = self.of("faults")
+        return reported[-1][1] if reported else ()
+
     @property
     def presses(self) -> list[Press]:
         return [e[1] for e in self.events if e[0] == "press"]
@@ -375,3 +383,94 @@ async def test_scan_wizard_gives_up_at_its_timeout(sim: Simulator) -> None:
     async with asyncio.timeout(3):
         result = await source.scan_wizard(timeout=0.2)
     assert result == ("WizardCancelledByUser", None, None)
+
+
+# -- channels flicd removes or refuses, the controller, a flicd that is not alive -------------
+
+
+async def test_a_channel_flicd_removes_is_re_created_and_heard_again(sim: Simulator) -> None:
+    """Whatever flicd's reason, a removed channel is a fault naming the button, then a new
+    channel is made and presses on it arrive."""
+    async with ready(sim) as (_source, recorder):
+        for n, reason in enumerate(("CouldntLoadDevice", "DeletedByOtherClient"), start=1):
+            sim.remove_channels(A, reason)
+            await recorder.wait_for(
+                lambda reason=reason: any(
+                    f"button reception has no live flicd channel: channel removed: {reason}" in f
+                    for _s, faults in recorder.of("faults")
+                    for f in faults
+                )
+            )
+            await recorder.wait_count(("button", "reception", True, "Ready"), n=n + 1)
+            await recorder.wait_for(lambda: recorder.current_faults == ())
+            assert sim.channel_count(A) == 1
+        sim.press(A, "hold")
+        await recorder.wait_for(lambda: len(recorder.presses) == 1)
+    assert recorder.presses[0].button_id == "reception"
+
+
+async def test_a_refused_channel_is_retried_with_capped_backoff(sim: Simulator) -> None:
+    """MaxPendingConnectionsReached over and over: retried at 0.5, 1, 2, cap, cap … until
+    flicd accepts, then the button is heard."""
+    rng = CeilingRandom()
+    recorder = Recorder()
+    sim.refuse_channels(10)  # requests alternate between the buttons: five refusals each
+    source = make_source(sim.port, recorder, reconnect_max=3.0, rng=rng, ping_interval=5.0)
+    async with running(source):
+        await recorder.wait_count(("button", "reception", True, "Ready"))
+        await recorder.wait_count(("button", "lab", True, "Ready"))
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        assert sim.channel_count(A) == 1 and sim.channel_count(B) == 1
+        sim.press(B, "single")
+        await recorder.wait_for(lambda: len(recorder.presses) == 1)
+    refusals = [e for e in recorder.of("button") if e[2] == "MaxPendingConnectionsReached"]
+    assert sorted(e[0] for e in refusals) == ["lab"] * 5 + ["reception"] * 5
+    # One ceiling per retry; each button's own schedule doubles up to the cap.
+    assert sorted(rng.ceilings) == sorted([0.5, 1.0, 2.0, 3.0, 3.0] * 2)
+
+
+async def test_a_detached_controller_is_a_fault_until_attached(sim: Simulator) -> None:
+    """EvtBluetoothControllerStateChange Detached/Resetting: a fault naming the controller;
+    Attached clears it. CmdGetInfo at connect reports a controller detached already."""
+    async with ready(sim) as (_source, recorder):
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        sim.controller("Detached")
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Detached",)
+        )
+        sim.controller("Resetting")
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Resetting",)
+        )
+        sim.controller("Attached")
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        sim.controller("Detached")
+        sim.drop()  # a new connection learns the state from CmdGetInfo
+        await recorder.wait_count(("link", "flicd", True), n=2)
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Detached",)
+        )
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage", "truncate", "huge"])
+async def test_a_flicd_that_never_answers_a_ping_is_never_reported_up(
+    sim: Simulator, mode: str
+) -> None:
+    """Silent, garbage, truncated packets, a 65,535-byte length: connections are made and
+    dropped, but the link is never reported up until flicd answers a ping again."""
+    rng = CeilingRandom()
+    async with ready(sim, rng=rng) as (_source, recorder):
+        if mode == "hang":
+            sim.hang()
+        else:
+            sim.garble(mode)
+        sim.drop()
+        await recorder.wait_count(("link", "flicd", False))
+        # Several connections, each dropped for not answering its first ping.
+        await eventually(lambda: len(rng.ceilings) >= 3)
+        assert recorder.count(("link", "flicd", True)) == 1
+        assert "did not answer a ping" in recorder.of("link")[-1][2]
+        sim.unhang()
+        sim.garble(None)
+        await recorder.wait_count(("link", "flicd", True), n=2, timeout=10)
+        await recorder.wait_for(lambda: recorder.current_faults == ())

@@ -83,6 +83,7 @@ class Health:
     store_error: str = ""
     source_up: dict[str, bool] = field(default_factory=dict)
     source_detail: dict[str, str] = field(default_factory=dict)
+    source_faults: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Bridge:
@@ -306,6 +307,15 @@ class Bridge:
         self.metrics.source_up.labels(source).set(1 if up else 0)
         if was and not up:
             self.alerts_bus.publish("WARNING", "MESSAGE", "HIGH", f"{source} lost: {detail}")
+
+    def faults(self, source: str, reasons: list[str]) -> None:
+        had = self.health.source_faults.get(source, [])
+        self.health.source_faults[source] = list(reasons)
+        for reason in reasons:
+            if reason not in had:
+                log.warning("source_fault", source=source, reason=reason)
+        if had and not reasons:
+            log.info("source_faults_cleared", source=source)
 
     def button_link(self, button_id: str, connected: bool, detail: str) -> None:
         status = self.buttons.get(button_id)
