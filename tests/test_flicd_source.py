@@ -8,15 +8,21 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pyflic.asyncio as pyflic_asyncio
 import pytest
 
+from flicbridge.app import Bridge
+from flicbridge.config import Config
 from flicbridge.domain import Click, Press
 from flicbridge.sources.flicd import FlicdSource, backoff_delay, run_scan_wizard
 from flicbridge.sources.flicd_client import connect
 from flicbridge.sources.simulator import Simulator
+from tests.conftest import make_config
+from tests.conftest import running as running_bridge
 
 A = "80:e4:da:70:00:01"
 B = "80:e4:da:70:00:02"
@@ -474,3 +480,101 @@ async def test_a_flicd_that_never_answers_a_ping_is_never_reported_up(
         sim.garble(None)
         await recorder.wait_count(("link", "flicd", True), n=2, timeout=10)
         await recorder.wait_for(lambda: recorder.current_faults == ())
+
+
+# -- the daemon's /readyz ---------------------------------------------------------------------
+
+
+async def readyz(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, list[str]]:
+    async with http.get(f"{bridge.url}/readyz") as response:
+        body = await response.json()
+        return response.status, body["reasons"]
+
+
+async def readyz_until(
+    http: aiohttp.ClientSession,
+    bridge: Bridge,
+    predicate: Callable[[int, list[str]], bool],
+    timeout: float = 10.0,
+) -> list[tuple[int, list[str]]]:
+    """Sample /readyz every 20 ms until ``predicate`` holds; every sample taken."""
+    samples: list[tuple[int, list[str]]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            samples.append(await readyz(http, bridge))
+            if predicate(*samples[-1]):
+                return samples
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def flicd_config(tmp_path: Path, sim: Simulator) -> Config:
+    return make_config(
+        tmp_path,
+        flicd={"port": sim.port, "reconnect_max": 1, "ping_interval": 1},
+        buttons=[{"id": "reception", "address": A}, {"id": "lab", "address": B}],
+    )
+
+
+def is_ready(status: int, reasons: list[str]) -> bool:
+    return status == 200
+
+
+async def test_readyz_names_a_button_whose_channel_flicd_removed_or_refused(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession
+) -> None:
+    """/readyz is 503 naming the button from the removal until a new channel is live."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        sim.refuse_channels(1)  # the re-created channel is refused once more
+        sim.remove_channels(A, "CouldntLoadDevice")
+        samples = await readyz_until(
+            http, bridge, lambda s, r: any("MaxPendingConnectionsReached" in x for x in r)
+        )
+        assert samples[-1][0] == 503
+        assert [r for r in samples[-1][1] if r.startswith("flicd: button reception")]
+        assert not [r for r in samples[-1][1] if "button lab" in r]
+        samples = await readyz_until(http, bridge, is_ready)
+        assert all(status == 503 for status, _ in samples[:-1])
+        sim.press(A, "single")
+        await readyz_until(http, bridge, lambda s, r: bridge.buttons["reception"].last_press)
+
+
+async def test_readyz_names_a_detached_controller(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession
+) -> None:
+    """Detached and Resetting: 503 naming the controller; Attached: 200 again."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        for state in ("Detached", "Resetting"):
+            sim.controller(state)
+            samples = await readyz_until(http, bridge, lambda s, r: s == 503)
+            assert samples[-1][1] == [f"flicd: flicd's Bluetooth controller is {state}"]
+        sim.controller("Attached")
+        await readyz_until(http, bridge, is_ready)
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage", "huge"])
+async def test_readyz_stays_503_against_a_broken_flicd(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """A hung or garbling flicd keeps /readyz at 503 over several reconnects (it used to
+    flip back to 200 after each one), and 200 returns only once flicd answers again."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        if mode == "hang":
+            sim.hang()
+        else:
+            sim.garble(mode)
+        sim.drop()
+        await readyz_until(http, bridge, lambda s, r: s == 503)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 4.0  # several 5 s-ping-less reconnects at reconnect_max 1 s
+        samples: list[tuple[int, list[str]]] = []
+        while loop.time() < until:
+            samples.append(await readyz(http, bridge))
+            await asyncio.sleep(0.05)
+        assert samples and all(status == 503 for status, _ in samples)
+        sim.unhang()
+        sim.garble(None)
+        await readyz_until(http, bridge, is_ready, timeout=20)
