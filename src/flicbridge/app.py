@@ -73,8 +73,9 @@ class ExecToken:
 
     button_id: str
     event: int
-    created: float
+    created: float  # on the bridge's token_clock (monotonic: wall-clock steps don't age it)
     spent: bool = False
+    in_use: bool = False  # its action is being committed; spent only once it is
 
 
 @dataclass
@@ -95,9 +96,12 @@ class Bridge:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
+        token_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.clock = clock
+        # Lifetimes kept in this process (exec tokens) are measured on a clock NTP cannot step.
+        self.token_clock = token_clock
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.alerts_bus = AlertBus()
@@ -124,7 +128,7 @@ class Bridge:
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
         self.tokens: dict[str, ExecToken] = {}
         self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
-        self._tokens_pruned = clock()
+        self._tokens_pruned = token_clock()
         self.accepting = False
         self.started_at = clock()
         self.url: str | None = None
@@ -504,7 +508,7 @@ class Bridge:
             button=button.id,
         )
         if decision is Decision.OPEN:
-            now = self.clock()
+            now = self.token_clock()
             if now - self._tokens_pruned > 3600:
                 # Forget tokens a day after they expired (until then they answer 409/410).
                 self._tokens_pruned = now
@@ -578,14 +582,26 @@ class Bridge:
         return rows
 
     def exec_token(self, token: str) -> ExecToken:
-        """Spend a single-use token. KeyError unknown; TokenSpent / TokenExpired otherwise."""
+        """Take a single-use token for its action; ``token_done`` spends or returns it.
+
+        KeyError unknown; TokenSpent, TokenInUse or TokenExpired otherwise.
+        """
         entry = self.tokens[token]
         if entry.spent:
             raise TokenSpent(token)
-        if self.clock() - entry.created > TOKEN_LIFETIME:
+        if entry.in_use:
+            raise TokenInUse(token)
+        if self.token_clock() - entry.created > TOKEN_LIFETIME:
             raise TokenExpired(token)
-        entry.spent = True
+        entry.in_use = True
         return entry
+
+    def token_done(self, token: str, *, committed: bool) -> None:
+        """The token's action was committed (spent) or not (usable again)."""
+        entry = self.tokens.get(token)
+        if entry is not None:
+            entry.in_use = False
+            entry.spent = entry.spent or committed
 
 
 class TokenSpent(Exception):
@@ -594,6 +610,10 @@ class TokenSpent(Exception):
 
 class TokenExpired(Exception):
     pass
+
+
+class TokenInUse(Exception):
+    """Another request is committing this token's action right now."""
 
 
 class _Stopped(Exception):
