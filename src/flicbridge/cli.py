@@ -363,13 +363,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _parse_buttons(specs: Sequence[str]) -> dict[str, str]:
-    import re
+    from flicbridge.domain import is_bd_addr
 
     buttons: dict[str, str] = {}
     for spec in specs:
         addr, _, name = spec.partition("=")
         addr = addr.strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", addr):
+        if not is_bd_addr(addr):
             raise CliError(
                 f"--button {spec!r}: expected ADDR[=NAME], ADDR like 80:e4:da:70:00:01", EXIT_USAGE
             )

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import hashlib
 import random
-import re
 import struct
 import sys
 import threading
@@ -40,6 +39,8 @@ from typing import Any, TextIO, TypeVar
 
 import pyflic
 import structlog
+
+from flicbridge.domain import is_bd_addr
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +57,6 @@ _COMMAND_STRUCT = [struct.Struct(fmt) for _name, fmt, _fields in _Flic._COMMANDS
 _COMMAND_FIELDS = [fields.split() for _name, _fmt, fields in _Flic._COMMANDS]
 _ADDR_FIELDS = frozenset({"bd_addr", "my_bd_addr"})
 _TEXT_FIELDS = frozenset({"name", "color", "serial_number"})
-_ADDR_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _MY_BD_ADDR = "00:00:00:5e:f1:1c"  # the simulated controller's own address
 
 # What flicd emits on each channel for one gesture, in order: (event, ClickType name).
@@ -92,7 +92,7 @@ _GESTURE_EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
 def normalize_bd_addr(addr: str) -> str:
     """``addr`` as lowercase ``aa:bb:cc:dd:ee:ff``; ValueError if it is not a Bluetooth address."""
     norm = addr.strip().lower()
-    if not _ADDR_RE.match(norm):
+    if not is_bd_addr(norm):
         raise ValueError(f"not a Bluetooth address (aa:bb:cc:dd:ee:ff): {addr!r}")
     return norm
 
