@@ -237,7 +237,10 @@ class FlicdSource:
         delay = backoff_delay(
             attempt, initial=BACKOFF_INITIAL_S, cap=self._reconnect_max, rng=self._rng
         )
-        log.info("flicd_channel_recreate_scheduled", button=button_id, delay_s=round(delay, 3))
+        growing = BACKOFF_INITIAL_S * 2 ** min(attempt - 1, 32) < self._reconnect_max
+        (log.info if growing else log.debug)(
+            "flicd_channel_recreate_scheduled", button=button_id, delay_s=round(delay, 3)
+        )
         loop = asyncio.get_running_loop()
         self._recreate[button_id] = loop.call_later(
             delay, self._recreate_channel, client, button_id
@@ -248,8 +251,8 @@ class FlicdSource:
         if client is not self._client or client.closed.done():
             return  # that connection is gone; a new one creates its own channels
         addr = next(a for a, b in self._buttons.items() if b == button_id)
-        self._channel_detail[button_id] = "channel requested again"
-        self._report_faults()
+        # The fault keeps its reason (why the last channel went) until a channel is live:
+        # a flicd that keeps refusing then changes nothing that is reported or logged.
         self._add_channel(client, addr, button_id)
 
     def faults(self) -> list[str]:
@@ -338,8 +341,12 @@ class FlicdSource:
         self, button_id: str, channel: Any, error: Any, connection_status: Any
     ) -> None:
         if error != _CreateError.NoError:
-            log.error("flicd_channel_refused", button=button_id, error=error.name)
-            self._report_button(button_id, False, error.name)
+            # Loud the first time; a flicd that keeps refusing costs one debug line per retry.
+            if self._channel_attempts.get(button_id, 0) == 0:
+                log.error("flicd_channel_refused", button=button_id, error=error.name)
+                self._report_button(button_id, False, error.name)
+            else:
+                log.debug("flicd_channel_refused", button=button_id, error=error.name)
             self._channel_lost(button_id, f"channel refused: {error.name}")
             return
         self._channel_live[button_id] = True
