@@ -165,8 +165,8 @@ class FlicdSource:
             # up before its faults (no channel yet, controller unknown) are known.
             self._report_link(True, f"connected to {self._host}:{self._port}")
             self._start_connection(client)
+            client.get_info()  # its answer (the controller state) comes before the channels'
             self._subscribe(client)
-            client.get_info()  # its answer carries the controller state
             while True:
                 done, _ = await asyncio.wait({client.closed}, timeout=self._ping_interval)
                 if done:
