@@ -402,7 +402,7 @@ async def test_a_channel_flicd_removes_is_re_created_and_heard_again(sim: Simula
             sim.remove_channels(A, reason)
             await recorder.wait_for(
                 lambda reason=reason: any(
-                    f"button reception has no live flicd channel: channel removed: {reason}" in f
+                    f"button reception has no live channel: channel removed: {reason}" in f
                     for _s, faults in recorder.of("faults")
                     for f in faults
                 )
@@ -443,11 +443,11 @@ async def test_a_detached_controller_is_a_fault_until_attached(sim: Simulator) -
         await recorder.wait_for(lambda: recorder.current_faults == ())
         sim.controller("Detached")
         await recorder.wait_for(
-            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Detached",)
+            lambda: recorder.current_faults == ("Bluetooth controller is Detached",)
         )
         sim.controller("Resetting")
         await recorder.wait_for(
-            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Resetting",)
+            lambda: recorder.current_faults == ("Bluetooth controller is Resetting",)
         )
         sim.controller("Attached")
         await recorder.wait_for(lambda: recorder.current_faults == ())
@@ -455,7 +455,7 @@ async def test_a_detached_controller_is_a_fault_until_attached(sim: Simulator) -
         sim.drop()  # a new connection learns the state from CmdGetInfo
         await recorder.wait_count(("link", "flicd", True), n=2)
         await recorder.wait_for(
-            lambda: recorder.current_faults == ("flicd's Bluetooth controller is Detached",)
+            lambda: recorder.current_faults == ("Bluetooth controller is Detached",)
         )
 
 
@@ -550,7 +550,7 @@ async def test_readyz_names_a_detached_controller(
         for state in ("Detached", "Resetting"):
             sim.controller(state)
             samples = await readyz_until(http, bridge, lambda s, r: s == 503)
-            assert samples[-1][1] == [f"flicd: flicd's Bluetooth controller is {state}"]
+            assert samples[-1][1] == [f"flicd: Bluetooth controller is {state}"]
         sim.controller("Attached")
         await readyz_until(http, bridge, is_ready)
 

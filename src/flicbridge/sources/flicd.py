@@ -261,13 +261,13 @@ class FlicdSource:
             return []  # the link itself is down, and reported as such
         reasons: list[str] = []
         if self._controller is None:
-            reasons.append("flicd has not reported its Bluetooth controller state yet")
+            reasons.append("Bluetooth controller state not reported yet")
         elif self._controller != "Attached":
-            reasons.append(f"flicd's Bluetooth controller is {self._controller}")
+            reasons.append(f"Bluetooth controller is {self._controller}")
         for button_id, live in self._channel_live.items():
             if not live:
                 detail = self._channel_detail.get(button_id, "")
-                reasons.append(f"button {button_id} has no live flicd channel: {detail}")
+                reasons.append(f"button {button_id} has no live channel: {detail}")
         return reasons
 
     def _report_faults(self) -> None:
