@@ -8,15 +8,21 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pyflic.asyncio as pyflic_asyncio
 import pytest
 
+from flicbridge.app import Bridge
+from flicbridge.config import Config
 from flicbridge.domain import Click, Press
 from flicbridge.sources.flicd import FlicdSource, backoff_delay, run_scan_wizard
 from flicbridge.sources.flicd_client import connect
 from flicbridge.sources.simulator import Simulator
+from tests.conftest import make_config
+from tests.conftest import running as running_bridge
 
 A = "80:e4:da:70:00:01"
 B = "80:e4:da:70:00:02"
@@ -45,6 +51,14 @@ class Recorder:
 
     def battery(self, button_id: str, percent: int) -> None:
         self._add("battery", button_id, percent)
+
+    def faults(self, source: str, reasons: list[str]) -> None:
+        self._add("faults", source, tuple(reasons))
+
+    @property
+    def current_faults(self) -> tuple[str, ...]:
+        reported = self.of("faults")
+        return reported[-1][1] if reported else ()
 
     @property
     def presses(self) -> list[Press]:
@@ -375,3 +389,193 @@ async def test_scan_wizard_gives_up_at_its_timeout(sim: Simulator) -> None:
     async with asyncio.timeout(3):
         result = await source.scan_wizard(timeout=0.2)
     assert result == ("WizardCancelledByUser", None, None)
+
+
+# -- channels flicd removes or refuses, the controller, a flicd that is not alive -------------
+
+
+async def test_a_channel_flicd_removes_is_re_created_and_heard_again(sim: Simulator) -> None:
+    """Whatever flicd's reason, a removed channel is a fault naming the button, then a new
+    channel is made and presses on it arrive."""
+    async with ready(sim) as (_source, recorder):
+        for n, reason in enumerate(("CouldntLoadDevice", "DeletedByOtherClient"), start=1):
+            sim.remove_channels(A, reason)
+            await recorder.wait_for(
+                lambda reason=reason: any(
+                    f"button reception has no live channel: channel removed: {reason}" in f
+                    for _s, faults in recorder.of("faults")
+                    for f in faults
+                )
+            )
+            await recorder.wait_count(("button", "reception", True, "Ready"), n=n + 1)
+            await recorder.wait_for(lambda: recorder.current_faults == ())
+            assert sim.channel_count(A) == 1
+        sim.press(A, "hold")
+        await recorder.wait_for(lambda: len(recorder.presses) == 1)
+    assert recorder.presses[0].button_id == "reception"
+
+
+async def test_a_refused_channel_is_retried_with_capped_backoff(sim: Simulator) -> None:
+    """MaxPendingConnectionsReached over and over: retried at 0.5, 1, 2, cap, cap … until
+    flicd accepts, then the button is heard."""
+    rng = CeilingRandom()
+    recorder = Recorder()
+    sim.refuse_channels(10)  # requests alternate between the buttons: five refusals each
+    source = make_source(sim.port, recorder, reconnect_max=3.0, rng=rng, ping_interval=5.0)
+    async with running(source):
+        await recorder.wait_count(("button", "reception", True, "Ready"))
+        await recorder.wait_count(("button", "lab", True, "Ready"))
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        assert sim.channel_count(A) == 1 and sim.channel_count(B) == 1
+        sim.press(B, "single")
+        await recorder.wait_for(lambda: len(recorder.presses) == 1)
+    refusals = [e for e in recorder.of("button") if e[2] == "MaxPendingConnectionsReached"]
+    # Reported once per button (a flicd that keeps refusing is not news every time) …
+    assert sorted(e[0] for e in refusals) == ["lab", "reception"]
+    # … and retried five times each, each button's own schedule doubling up to the cap.
+    assert sorted(rng.ceilings) == sorted([0.5, 1.0, 2.0, 3.0, 3.0] * 2)
+
+
+async def test_a_detached_controller_is_a_fault_until_attached(sim: Simulator) -> None:
+    """EvtBluetoothControllerStateChange Detached/Resetting: a fault naming the controller;
+    Attached clears it. CmdGetInfo at connect reports a controller detached already."""
+    async with ready(sim) as (_source, recorder):
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        sim.controller("Detached")
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("Bluetooth controller is Detached",)
+        )
+        sim.controller("Resetting")
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("Bluetooth controller is Resetting",)
+        )
+        sim.controller("Attached")
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+        sim.controller("Detached")
+        sim.drop()  # a new connection learns the state from CmdGetInfo
+        await recorder.wait_count(("link", "flicd", True), n=2)
+        await recorder.wait_for(
+            lambda: recorder.current_faults == ("Bluetooth controller is Detached",)
+        )
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage", "truncate", "huge"])
+async def test_a_flicd_that_never_answers_a_ping_is_never_reported_up(
+    sim: Simulator, mode: str
+) -> None:
+    """Silent, garbage, truncated packets, a 65,535-byte length: connections are made and
+    dropped, but the link is never reported up until flicd answers a ping again."""
+    rng = CeilingRandom()
+    async with ready(sim, rng=rng) as (_source, recorder):
+        if mode == "hang":
+            sim.hang()
+        else:
+            sim.garble(mode)
+        sim.drop()
+        await recorder.wait_count(("link", "flicd", False))
+        # Several connections, each dropped for not answering its first ping.
+        await eventually(lambda: len(rng.ceilings) >= 3)
+        assert recorder.count(("link", "flicd", True)) == 1
+        assert "did not answer a ping" in recorder.of("link")[-1][2]
+        sim.unhang()
+        sim.garble(None)
+        await recorder.wait_count(("link", "flicd", True), n=2, timeout=10)
+        await recorder.wait_for(lambda: recorder.current_faults == ())
+
+
+# -- the daemon's /readyz ---------------------------------------------------------------------
+
+
+async def readyz(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, list[str]]:
+    async with http.get(f"{bridge.url}/readyz") as response:
+        body = await response.json()
+        return response.status, body["reasons"]
+
+
+async def readyz_until(
+    http: aiohttp.ClientSession,
+    bridge: Bridge,
+    predicate: Callable[[int, list[str]], bool],
+    timeout: float = 10.0,
+) -> list[tuple[int, list[str]]]:
+    """Sample /readyz every 20 ms until ``predicate`` holds; every sample taken."""
+    samples: list[tuple[int, list[str]]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            samples.append(await readyz(http, bridge))
+            if predicate(*samples[-1]):
+                return samples
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def flicd_config(tmp_path: Path, sim: Simulator) -> Config:
+    return make_config(
+        tmp_path,
+        flicd={"port": sim.port, "reconnect_max": 1, "ping_interval": 1},
+        buttons=[{"id": "reception", "address": A}, {"id": "lab", "address": B}],
+    )
+
+
+def is_ready(status: int, reasons: list[str]) -> bool:
+    return status == 200
+
+
+async def test_readyz_names_a_button_whose_channel_flicd_removed_or_refused(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession
+) -> None:
+    """/readyz is 503 naming the button from the removal until a new channel is live."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        sim.refuse_channels(1)  # the re-created channel is refused once more
+        sim.remove_channels(A, "CouldntLoadDevice")
+        samples = await readyz_until(
+            http, bridge, lambda s, r: any("MaxPendingConnectionsReached" in x for x in r)
+        )
+        assert samples[-1][0] == 503
+        assert [r for r in samples[-1][1] if r.startswith("flicd: button reception")]
+        assert not [r for r in samples[-1][1] if "button lab" in r]
+        samples = await readyz_until(http, bridge, is_ready)
+        assert all(status == 503 for status, _ in samples[:-1])
+        sim.press(A, "single")
+        await readyz_until(http, bridge, lambda s, r: bridge.buttons["reception"].last_press)
+
+
+async def test_readyz_names_a_detached_controller(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession
+) -> None:
+    """Detached and Resetting: 503 naming the controller; Attached: 200 again."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        for state in ("Detached", "Resetting"):
+            sim.controller(state)
+            samples = await readyz_until(http, bridge, lambda s, r: s == 503)
+            assert samples[-1][1] == [f"flicd: Bluetooth controller is {state}"]
+        sim.controller("Attached")
+        await readyz_until(http, bridge, is_ready)
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage", "huge"])
+async def test_readyz_stays_503_against_a_broken_flicd(
+    sim: Simulator, flicd_config: Config, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """A hung or garbling flicd keeps /readyz at 503 over several reconnects (it used to
+    flip back to 200 after each one), and 200 returns only once flicd answers again."""
+    async with running_bridge(flicd_config) as bridge:
+        await readyz_until(http, bridge, is_ready)
+        if mode == "hang":
+            sim.hang()
+        else:
+            sim.garble(mode)
+        sim.drop()
+        await readyz_until(http, bridge, lambda s, r: s == 503)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 4.0  # several 5 s-ping-less reconnects at reconnect_max 1 s
+        samples: list[tuple[int, list[str]]] = []
+        while loop.time() < until:
+            samples.append(await readyz(http, bridge))
+            await asyncio.sleep(0.05)
+        assert samples and all(status == 503 for status, _ in samples)
+        sim.unhang()
+        sim.garble(None)
+        await readyz_until(http, bridge, is_ready, timeout=20)

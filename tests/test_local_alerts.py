@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from flicbridge import subscriptions
 from flicbridge.app import TOKEN_LIFETIME, Bridge
+from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.server import local
 from tests.conftest import TOKEN, Receiver, auth, make_config, running
 
@@ -154,9 +156,10 @@ async def test_a_token_dies_when_its_alert_closes(
 
 
 async def test_an_expired_token_is_410(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """A token older than 24 hours is gone, and the alert stays open."""
-    now = [time.time()]
-    async with asyncio.timeout(10), running(make_config(tmp_path), clock=lambda: now[0]) as bridge:
+    """A token older than 24 hours (on the monotonic token clock) is gone; the alert stays open."""
+    now = [time.monotonic()]
+    config = make_config(tmp_path)
+    async with asyncio.timeout(10), running(config, token_clock=lambda: now[0]) as bridge:
         async with stream(http, bridge) as alerts:
             await signal(http, bridge, "On")
             token = (await alerts.alert(action="EXECUTE"))["action_exec_token"]
@@ -165,6 +168,72 @@ async def test_an_expired_token_is_410(tmp_path: Path, http: aiohttp.ClientSessi
         assert status == 410
         assert body["error"] == "action_exec_token expired"
         assert bridge.states["desk"].is_open
+
+
+async def test_a_token_survives_wall_clock_steps(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The wall clock steps +25 h (NTP on a Pi without a clock) a minute after the token was
+    issued, then back by two days: the token still closes its alert."""
+    wall = [time.time()]
+    mono = [1000.0]
+    config = make_config(tmp_path)
+    async with (
+        asyncio.timeout(10),
+        running(config, clock=lambda: wall[0], token_clock=lambda: mono[0]) as bridge,
+    ):
+        async with stream(http, bridge) as alerts:
+            await signal(http, bridge, "On")
+            token = (await alerts.alert(action="EXECUTE"))["action_exec_token"]
+        wall[0] += 25 * 3600 + 60
+        mono[0] += 60
+        wall[0] -= 2 * 86400
+        status, body = await execute(http, bridge, token)
+        assert (status, body["decision"]) == (200, "close")
+        assert not bridge.states["desk"].is_open
+
+
+async def test_a_token_is_kept_when_the_store_refuses_its_action(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The store refuses the close (503): the token is not spent, and once the store works
+    again the same token closes the alert, once."""
+    config = make_config(
+        tmp_path,
+        buttons=[{"id": "desk", "source": "ingest"}, {"id": "lab", "source": "ingest"}],
+    )
+    async with asyncio.timeout(20), running(config) as bridge:
+        async with stream(http, bridge) as alerts:
+            await signal(http, bridge, "On")
+            token = (await alerts.alert(action="EXECUTE"))["action_exec_token"]
+        # The disk fills: a first signal is held, then the store refuses more.
+        other = sqlite3.connect(config.store.path, isolation_level=None)
+        try:
+            other.execute("CREATE TABLE ballast (b BLOB)")
+            other.execute("INSERT INTO ballast VALUES (zeroblob(1048576))")
+            await bridge.store.run(pin_size)
+            bridge.store.max_held = 1
+            big = "x" * 200_000  # needs pages the file may not grow by
+            held = bridge.submit(Signal("lab", SignalState.ON, "api", utcnow(), info=big))
+            while bridge.health.store_ok:
+                await asyncio.sleep(0.02)
+            status, body = await execute(http, bridge, token)
+            assert (status, body["error"]) == (503, "store unavailable")
+            assert bridge.states["desk"].is_open
+            other.execute("DELETE FROM ballast")  # space is freed
+        finally:
+            other.close()
+        await held
+        status, body = await execute(http, bridge, token)
+        assert (status, body["decision"]) == (200, "close")
+        status, body = await execute(http, bridge, token)
+        assert (status, body["error"]) == (409, "action_exec_token already used")
+
+
+def pin_size(conn: sqlite3.Connection) -> None:
+    """On the writer connection: the file may not grow (a full disk)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
 
 
 async def test_exec_rejects_bad_input(bridge: Bridge, http: aiohttp.ClientSession) -> None:

@@ -209,7 +209,13 @@ async def test_readyz_follows_flicd(tmp_path: Path) -> None:
         assert [r for r in body["reasons"] if r.startswith("flicd not connected")]
 
         async with simulator(port, **{A: "Alpha"}):
-            await wait_until(lambda: bridge.health.source_up["flicd"])
+            # Up, and its channel live (a link that is up with a channel still pending is 503).
+            await wait_until(
+                lambda: (
+                    bridge.health.source_up["flicd"]
+                    and bridge.health.source_faults.get("flicd") == []
+                )
+            )
             status, body = await ready(http)
             assert (status, body) == (200, {"ready": True, "reasons": []})
 

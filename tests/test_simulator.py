@@ -339,6 +339,69 @@ async def test_presses_without_any_channel_wait_for_one(sim: Simulator) -> None:
     client.close()
 
 
+# -- flicd's faults -------------------------------------------------------------------------
+
+
+async def test_flicd_removes_a_channel_with_its_reason(
+    sim: Simulator, official: SyncClient
+) -> None:
+    """remove_channels: the official client's channel sees on_removed with flicd's reason."""
+    official.client.add_connection_channel(sync_channel(official))
+    assert (await official.next())[0] == "created"
+    apply_command(sim, f"remove {A} CouldntLoadDevice")
+    tag, _channel, reason = await official.next()
+    assert (tag, reason) == ("removed", pyflic.RemovedReason.CouldntLoadDevice)
+    assert sim.channel_count(A) == 0
+
+
+async def test_refused_channels_get_the_error_then_flicd_accepts(
+    sim: Simulator, official: SyncClient
+) -> None:
+    """refuse_channels(1): the next request gets MaxPendingConnectionsReached, the one after
+    is accepted."""
+    apply_command(sim, "refuse 1")
+    official.client.add_connection_channel(sync_channel(official))
+    tag, _channel, error, _status = await official.next()
+    assert (tag, error) == (
+        "created",
+        pyflic.CreateConnectionChannelError.MaxPendingConnectionsReached,
+    )
+    assert sim.channel_count(A) == 0
+    official.client.add_connection_channel(sync_channel(official))
+    tag, _channel, error, status = await official.next()
+    assert (tag, error, status) == (
+        "created",
+        pyflic.CreateConnectionChannelError.NoError,
+        pyflic.ConnectionStatus.Ready,
+    )
+
+
+async def test_controller_state_is_announced_and_reported_by_get_info(
+    sim: Simulator, official: SyncClient
+) -> None:
+    """controller(): EvtBluetoothControllerStateChange to every client; CmdGetInfo agrees."""
+    official.client.on_bluetooth_controller_state_change = official.record("controller")
+    apply_command(sim, "controller Detached")
+    assert await official.next() == ("controller", pyflic.BluetoothControllerState.Detached)
+    official.client.get_info(official.record("info"))
+    _tag, info = await official.next()
+    assert info["bluetooth_controller_state"] == pyflic.BluetoothControllerState.Detached
+
+
+@pytest.mark.parametrize("mode", ["garbage", "truncate", "huge"])
+async def test_garbled_output_never_answers_a_ping(sim: Simulator, mode: str) -> None:
+    """garble(): no ping is ever answered; garble(None) makes flicd whole again."""
+    apply_command(sim, f"garble {mode}")
+    client = await connect("127.0.0.1", sim.port, timeout=2)
+    with pytest.raises(TimeoutError):
+        await client.ping(timeout=0.3)
+    client.abort()
+    apply_command(sim, "garble off")
+    client = await connect("127.0.0.1", sim.port, timeout=2)
+    await client.ping(timeout=2)
+    client.close()
+
+
 # -- wire format ----------------------------------------------------------------------------
 
 
@@ -413,6 +476,11 @@ async def test_control_lines_drive_the_buttons(sim: Simulator, official: SyncCli
         f"battery {A} full",
         "explode",
         "disconnect nowhere",
+        f"remove {A} BecauseISaidSo",
+        "refuse 1 NoError",
+        "refuse 1 Whatever",
+        "controller Unplugged",
+        "garble sometimes",
     ],
 )
 def test_bad_control_lines_raise_value_error(line: str) -> None:

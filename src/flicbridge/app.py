@@ -73,8 +73,9 @@ class ExecToken:
 
     button_id: str
     event: int
-    created: float
+    created: float  # on the bridge's token_clock (monotonic: wall-clock steps don't age it)
     spent: bool = False
+    in_use: bool = False  # its action is being committed; spent only once it is
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Health:
     store_error: str = ""
     source_up: dict[str, bool] = field(default_factory=dict)
     source_detail: dict[str, str] = field(default_factory=dict)
+    source_faults: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Bridge:
@@ -94,9 +96,12 @@ class Bridge:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
+        token_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.clock = clock
+        # Lifetimes kept in this process (exec tokens) are measured on a clock NTP cannot step.
+        self.token_clock = token_clock
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.alerts_bus = AlertBus()
@@ -123,7 +128,7 @@ class Bridge:
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
         self.tokens: dict[str, ExecToken] = {}
         self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
-        self._tokens_pruned = clock()
+        self._tokens_pruned = token_clock()
         self.accepting = False
         self.started_at = clock()
         self.url: str | None = None
@@ -306,6 +311,15 @@ class Bridge:
         self.metrics.source_up.labels(source).set(1 if up else 0)
         if was and not up:
             self.alerts_bus.publish("WARNING", "MESSAGE", "HIGH", f"{source} lost: {detail}")
+
+    def faults(self, source: str, reasons: list[str]) -> None:
+        had = self.health.source_faults.get(source, [])
+        self.health.source_faults[source] = list(reasons)
+        for reason in reasons:
+            if reason not in had:
+                log.warning("source_fault", source=source, reason=reason)
+        if had and not reasons:
+            log.info("source_faults_cleared", source=source)
 
     def button_link(self, button_id: str, connected: bool, detail: str) -> None:
         status = self.buttons.get(button_id)
@@ -494,7 +508,7 @@ class Bridge:
             button=button.id,
         )
         if decision is Decision.OPEN:
-            now = self.clock()
+            now = self.token_clock()
             if now - self._tokens_pruned > 3600:
                 # Forget tokens a day after they expired (until then they answer 409/410).
                 self._tokens_pruned = now
@@ -568,14 +582,26 @@ class Bridge:
         return rows
 
     def exec_token(self, token: str) -> ExecToken:
-        """Spend a single-use token. KeyError unknown; TokenSpent / TokenExpired otherwise."""
+        """Take a single-use token for its action; ``token_done`` spends or returns it.
+
+        KeyError unknown; TokenSpent, TokenInUse or TokenExpired otherwise.
+        """
         entry = self.tokens[token]
         if entry.spent:
             raise TokenSpent(token)
-        if self.clock() - entry.created > TOKEN_LIFETIME:
+        if entry.in_use:
+            raise TokenInUse(token)
+        if self.token_clock() - entry.created > TOKEN_LIFETIME:
             raise TokenExpired(token)
-        entry.spent = True
+        entry.in_use = True
         return entry
+
+    def token_done(self, token: str, *, committed: bool) -> None:
+        """The token's action was committed (spent) or not (usable again)."""
+        entry = self.tokens.get(token)
+        if entry is not None:
+            entry.in_use = False
+            entry.spent = entry.spent or committed
 
 
 class TokenSpent(Exception):
@@ -584,6 +610,10 @@ class TokenSpent(Exception):
 
 class TokenExpired(Exception):
     pass
+
+
+class TokenInUse(Exception):
+    """Another request is committing this token's action right now."""
 
 
 class _Stopped(Exception):

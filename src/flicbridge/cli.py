@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 
 from flicbridge import __version__, logs
 from flicbridge.config import Config, ConfigError, load_config
@@ -55,8 +56,19 @@ async def _run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.stop)
+    # SIGHUP (a terminal hang-up, `kill -HUP`) must not kill a panic-button bridge. The
+    # configuration is not reloaded in place: buttons, sinks and the store are wired at
+    # start, and swapping them under pending deliveries is not safe. Log it and go on.
+    loop.add_signal_handler(signal.SIGHUP, _sighup_ignored)
     await bridge.run()
     return EXIT_OK
+
+
+def _sighup_ignored() -> None:
+    structlog.get_logger(__name__).warning(
+        "sighup_ignored",
+        detail="the configuration is not reloaded; restart flicbridge to apply changes",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -351,13 +363,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _parse_buttons(specs: Sequence[str]) -> dict[str, str]:
-    import re
+    from flicbridge.domain import is_bd_addr
 
     buttons: dict[str, str] = {}
     for spec in specs:
         addr, _, name = spec.partition("=")
         addr = addr.strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", addr):
+        if not is_bd_addr(addr):
             raise CliError(
                 f"--button {spec!r}: expected ADDR[=NAME], ADDR like 80:e4:da:70:00:01", EXIT_USAGE
             )

@@ -30,7 +30,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from flicbridge.domain import Click
+from flicbridge.domain import Click, is_bd_addr
 
 # The folder relative secret files and store paths are resolved against while loading.
 _base_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_base_dir", default=None)
@@ -72,11 +72,20 @@ def resolve_secret(value: object) -> object:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
+# Bounded durations and rates: a 0 s ping or reconnect cap spins a core and floods the log,
+# and a rate of 1e-320 per second overflows the bucket's arithmetic. Each bound is a
+# minimum a real installation never needs to go below (or a maximum above).
+_DAY = 86_400.0
+PingInterval = Annotated[Duration, Field(ge=1.0, le=3600.0)]
+ReconnectMax = Annotated[Duration, Field(ge=0.1, le=3600.0)]
+HttpTimeout = Annotated[Duration, Field(ge=0.1, le=600.0)]
+Backoff = Annotated[Duration, Field(ge=0.01, le=_DAY)]
+LongDuration = Annotated[Duration, Field(le=3650 * _DAY)]
+Rate = Annotated[float, Field(ge=0.001, le=1_000_000.0, allow_inf_nan=False)]
 Secret = Annotated[SecretStr, BeforeValidator(resolve_secret)]
 Severity = Literal["critical", "error", "warning", "info"]
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
-_ADDRESS = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class _Section(BaseModel):
@@ -86,8 +95,8 @@ class _Section(BaseModel):
 class FlicdConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5551, ge=1, le=65535)
-    reconnect_max: Duration = 30.0
-    ping_interval: Duration = 10.0  # a silent flicd (socket open, nothing said) is noticed
+    reconnect_max: ReconnectMax = 30.0
+    ping_interval: PingInterval = 10.0  # a silent flicd (socket open, nothing said) is noticed
 
 
 class StoreConfig(_Section):
@@ -102,16 +111,16 @@ class ServerConfig(_Section):
 
 
 class DeliveryConfig(_Section):
-    timeout: Duration = 10.0
-    backoff_initial: Duration = 1.0
-    backoff_max: Duration = 300.0
-    max_age: Duration = 604_800.0
+    timeout: HttpTimeout = 10.0
+    backoff_initial: Backoff = 1.0
+    backoff_max: Backoff = 300.0
+    max_age: LongDuration = 604_800.0
 
 
 class AlertsConfig(_Section):
-    suppress_repeat_for: Duration = 60.0
+    suppress_repeat_for: LongDuration = 60.0
     battery_warn_percent: int = Field(15, ge=0, le=100)
-    max_press_age: Duration = 0.0
+    max_press_age: LongDuration = 0.0
 
 
 class IlertConfig(_Section):
@@ -129,8 +138,8 @@ class IngestConfig(_Section):
     """Per-source tokens for POST /api/v1/ingest/flic, for clients that cannot set headers."""
 
     tokens: dict[Annotated[str, Field(pattern=_ID)], Secret] = Field(default_factory=dict)
-    rate: float = Field(10.0, gt=0)  # requests per second per source (token bucket)
-    burst: int = Field(20, ge=1)
+    rate: Rate = 10.0  # requests per second per source (token bucket)
+    burst: int = Field(20, ge=1, le=1_000_000)
 
 
 class ButtonConfig(_Section):
@@ -155,9 +164,9 @@ class ButtonConfig(_Section):
 class _SinkBase(_Section):
     id: Annotated[str, Field(pattern=_ID)]
     headers: dict[str, Secret] = Field(default_factory=dict)
-    timeout: Duration | None = None  # default: [delivery] timeout
-    rate: float | None = Field(None, gt=0)  # messages per second; default per type
-    burst: int = Field(5, ge=1)
+    timeout: HttpTimeout | None = None  # default: [delivery] timeout
+    rate: Rate | None = None  # messages per second; default per type
+    burst: int = Field(5, ge=1, le=1_000_000)
 
 
 class AlertOpsSink(_SinkBase):
@@ -320,7 +329,7 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
         if button.address is None:
             if button.source != "ingest":
                 problems.append((f"{where}.address", f"required for source {button.source!r}"))
-        elif not _ADDRESS.match(button.address.lower()):
+        elif not is_bd_addr(button.address):
             problems.append(
                 (f"{where}.address", "expected a Bluetooth address like '80:e4:da:70:00:01'")
             )

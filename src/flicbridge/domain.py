@@ -5,6 +5,7 @@ Every value here is a frozen dataclass or an enum; nothing in this module does I
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -44,6 +45,16 @@ class Decision(StrEnum):
     def action(self) -> str:
         """The sink-facing action: "open" or "close"."""
         return "close" if self in (Decision.CLOSE, Decision.IGNORED) else "open"
+
+
+# A Bluetooth device address: six hex pairs separated by colons, lowercase as flicd writes
+# them. The one definition the config, the CLI and the simulator all check against.
+BD_ADDR = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def is_bd_addr(text: str) -> bool:
+    """Whether ``text`` is a Bluetooth address like ``80:e4:da:70:00:01`` (any letter case)."""
+    return BD_ADDR.fullmatch(text.lower()) is not None
 
 
 def utcnow() -> datetime:

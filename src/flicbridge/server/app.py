@@ -218,6 +218,9 @@ def readiness(bridge: Bridge) -> list[str]:
         if not up:
             detail = bridge.health.source_detail.get(source, "")
             reasons.append(f"{source} not connected: {detail}")
+    for source, faults in bridge.health.source_faults.items():
+        if bridge.health.source_up.get(source):
+            reasons.extend(f"{source}: {fault}" for fault in faults)
     if not bridge.accepting:
         reasons.append("not accepting signals (starting or stopping)")
     return reasons

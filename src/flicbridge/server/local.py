@@ -25,7 +25,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_validator
 
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
-from flicbridge.app import TokenExpired, TokenSpent
+from flicbridge.app import TokenExpired, TokenInUse, TokenSpent
 from flicbridge.server.app import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
 from flicbridge.server.callbacks import outcome_text, run_action
 from flicbridge.store import StoreError
@@ -261,18 +261,28 @@ async def action_exec(request: web.Request) -> web.Response:
         raise ApiError(
             409, "action_exec_token already used", "it was executed, or its alert was closed"
         ) from None
+    except TokenInUse:
+        raise ApiError(
+            409, "action_exec_token in use", "its action is being committed; try again"
+        ) from None
     except TokenExpired:
         raise ApiError(410, "action_exec_token expired", "tokens live 24 hours") from None
-    button = bridge.config.button(entry.button_id)
-    if button is None:  # tokens live in memory with the config that made them
-        raise ApiError(404, "unknown button", entry.button_id)
-    result = await run_action(
-        bridge,
-        button,
-        "close",
-        origin="exec",
-        actor=f"action_exec from {request.remote or 'an unknown address'}",
-    )
+    # The token is spent only once its action is committed: a refusal (503) keeps it usable.
+    committed = False
+    try:
+        button = bridge.config.button(entry.button_id)
+        if button is None:  # tokens live in memory with the config that made them
+            raise ApiError(404, "unknown button", entry.button_id)
+        result = await run_action(
+            bridge,
+            button,
+            "close",
+            origin="exec",
+            actor=f"action_exec from {request.remote or 'an unknown address'}",
+        )
+        committed = not result.get("pending")
+    finally:
+        bridge.token_done(body.action_exec_token, committed=committed)
     out = ExecResult(
         button=button.id,
         alert_key=result["alert_key"],

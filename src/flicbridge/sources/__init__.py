@@ -20,5 +20,9 @@ class SourceListener(Protocol):
     def button_link(self, button_id: str, connected: bool, detail: str) -> None:
         """A button came into range (Ready) or went out of it."""
 
+    def faults(self, source: str, reasons: list[str]) -> None:
+        """What keeps a connected source from hearing every button (a button without a
+        live channel, a detached controller); an empty list once nothing does."""
+
     def battery(self, button_id: str, percent: int) -> None:
         """A battery report for a button."""

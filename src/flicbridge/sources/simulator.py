@@ -12,6 +12,12 @@ Behaviour worth knowing (mirrors flicd):
 - A press on a button that is out of range, or that no client has a channel for, is
   kept by the button and delivered later marked ``was_queued`` with its age in seconds.
 - ``drop()`` closes every client socket, as a flicd restart does; button state survives.
+- Faults flicd really shows, for tests: ``remove_channels`` (flicd removes a button's
+  channels, EvtConnectionChannelRemoved), ``refuse_channels`` (the next channel requests
+  get an error such as MaxPendingConnectionsReached), ``controller`` (the Bluetooth
+  controller is Detached, Resetting or Attached again: EvtBluetoothControllerStateChange,
+  and CmdGetInfo reports it), ``hang`` (silent with sockets open) and ``garble`` (every
+  packet sent as random bytes, cut short, or after a 65,535-byte length header).
 
 All methods must be called on the event loop the simulator was started on.
 """
@@ -22,7 +28,6 @@ import asyncio
 import contextlib
 import hashlib
 import random
-import re
 import struct
 import sys
 import threading
@@ -30,14 +35,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import pyflic
 import structlog
 
+from flicbridge.domain import is_bd_addr
+
 log = structlog.get_logger(__name__)
 
 CLICKS = ("single", "double", "hold")
+_E = TypeVar("_E", bound=Enum)
 WIZARD_TIMEOUT_S = 20.0  # flicd gives up finding a button after 20 s
 
 _Flic: Any = pyflic.FlicClient
@@ -49,7 +57,6 @@ _COMMAND_STRUCT = [struct.Struct(fmt) for _name, fmt, _fields in _Flic._COMMANDS
 _COMMAND_FIELDS = [fields.split() for _name, _fmt, fields in _Flic._COMMANDS]
 _ADDR_FIELDS = frozenset({"bd_addr", "my_bd_addr"})
 _TEXT_FIELDS = frozenset({"name", "color", "serial_number"})
-_ADDR_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _MY_BD_ADDR = "00:00:00:5e:f1:1c"  # the simulated controller's own address
 
 # What flicd emits on each channel for one gesture, in order: (event, ClickType name).
@@ -85,7 +92,7 @@ _GESTURE_EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
 def normalize_bd_addr(addr: str) -> str:
     """``addr`` as lowercase ``aa:bb:cc:dd:ee:ff``; ValueError if it is not a Bluetooth address."""
     norm = addr.strip().lower()
-    if not _ADDR_RE.match(norm):
+    if not is_bd_addr(norm):
         raise ValueError(f"not a Bluetooth address (aa:bb:cc:dd:ee:ff): {addr!r}")
     return norm
 
@@ -193,6 +200,9 @@ class Simulator:
         self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._controller = pyflic.BluetoothControllerState.Attached
+        self._refusals: list[pyflic.CreateConnectionChannelError] = []
+        self.garbling: str | None = None  # None, "garbage", "truncate" or "huge"
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -317,6 +327,30 @@ class Simulator:
         """Resume sending, starting with whatever was held back."""
         self._flowing.set()
 
+    def remove_channels(self, addr: str, reason: str = "CouldntLoadDevice") -> None:
+        """flicd removes every client's channels for ``addr`` (EvtConnectionChannelRemoved)."""
+        removed = _member(pyflic.RemovedReason, reason)
+        self._remove_channels(normalize_bd_addr(addr), None, removed, removed)
+
+    def refuse_channels(self, count: int = 1, error: str = "MaxPendingConnectionsReached") -> None:
+        """The next ``count`` channel requests (any client, any button) get ``error``."""
+        refusal = _member(pyflic.CreateConnectionChannelError, error)
+        if refusal == pyflic.CreateConnectionChannelError.NoError:
+            raise ValueError("a refusal needs an error other than NoError")
+        self._refusals.extend([refusal] * count)
+
+    def controller(self, state: str) -> None:
+        """The Bluetooth controller goes Detached, Resetting or Attached; clients are told."""
+        self._controller = _member(pyflic.BluetoothControllerState, state)
+        for session in list(self._sessions):
+            session.send("EvtBluetoothControllerStateChange", state=self._controller)
+
+    def garble(self, mode: str | None) -> None:
+        """Send every packet broken: "garbage", "truncate", "huge"; None sends them whole."""
+        if mode not in (None, "garbage", "truncate", "huge"):
+            raise ValueError(f"garble mode must be garbage, truncate, huge or off: {mode!r}")
+        self.garbling = mode
+
     def emit(self, event: str, /, **fields: Any) -> None:
         """Send a raw event to every client (tests: events for ids a client does not know)."""
         for session in list(self._sessions):
@@ -353,7 +387,7 @@ class Simulator:
         writer = session.writer
         try:
             while True:
-                data = await session.outbox.get()
+                data = self._garbled(await session.outbox.get())
                 await self._flowing.wait()
                 if not self.split_writes:
                     writer.write(data)
@@ -370,6 +404,15 @@ class Simulator:
                     await asyncio.sleep(0.001)
         except ConnectionError:
             self._end_session(session)
+
+    def _garbled(self, packet: bytes) -> bytes:
+        if self.garbling == "garbage":
+            return self._rng.randbytes(len(packet))
+        if self.garbling == "truncate":
+            return packet[: max(1, len(packet) // 2)]
+        if self.garbling == "huge":
+            return b"\xff\xff" + packet[2:]  # announces 65,535 bytes that never come
+        return packet
 
     def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         self._tasks.add(task)
@@ -401,7 +444,7 @@ class Simulator:
         session.send(
             "EvtGetInfoResponse",
             tail=b"".join(_addr_bytes(a) for a in self._buttons),
-            bluetooth_controller_state=pyflic.BluetoothControllerState.Attached,
+            bluetooth_controller_state=self._controller,
             my_bd_addr=_MY_BD_ADDR,
             my_bd_addr_type=pyflic.BdAddrType.PublicBdAddrType,
             max_pending_connections=128,
@@ -444,6 +487,14 @@ class Simulator:
         auto_disconnect_time: int,
     ) -> None:
         if conn_id in session.channels:
+            return
+        if self._refusals:
+            session.send(
+                "EvtCreateConnectionChannelResponse",
+                conn_id=conn_id,
+                error=self._refusals.pop(0),
+                connection_status=pyflic.ConnectionStatus.Disconnected,
+            )
             return
         session.channels[conn_id] = bd_addr
         button = self._buttons.get(bd_addr)
@@ -591,7 +642,11 @@ class Simulator:
         )
 
     def _remove_channels(
-        self, addr: str, actor: _Session, own: pyflic.RemovedReason, other: pyflic.RemovedReason
+        self,
+        addr: str,
+        actor: _Session | None,
+        own: pyflic.RemovedReason,
+        other: pyflic.RemovedReason,
     ) -> None:
         for session, conn_id in self._channels_for(addr):
             del session.channels[conn_id]
@@ -658,11 +713,31 @@ def apply_command(sim: Simulator, line: str) -> None:
         sim.hang()
     elif verb == "unhang" and not args:
         sim.unhang()
+    elif verb == "remove" and len(args) in (1, 2):
+        sim.remove_channels(args[0], *args[1:])
+    elif verb == "refuse" and len(args) <= 2:
+        count = int(_number(args[0], "COUNT")) if args else 1
+        sim.refuse_channels(count, *args[1:])
+    elif verb == "controller" and len(args) == 1:
+        sim.controller(args[0])
+    elif verb == "garble" and len(args) == 1:
+        sim.garble(None if args[0].lower() == "off" else args[0].lower())
     else:
         raise ValueError(
             f"bad command {line.strip()!r}; expected one of: press ADDR single|double|hold "
-            "[queued AGE_SECONDS] | disconnect ADDR | connect ADDR | battery ADDR PERCENT | drop"
+            "[queued AGE_SECONDS] | disconnect ADDR | connect ADDR | battery ADDR PERCENT | drop "
+            "| remove ADDR [REASON] | refuse [COUNT] [ERROR] | controller STATE "
+            "| garble garbage|truncate|huge|off"
         )
+
+
+def _member(enum: type[_E], name: str) -> _E:
+    """The member of a protocol enum named ``name``; ValueError naming the choices if none."""
+    try:
+        return enum[name]
+    except KeyError:
+        choices = ", ".join(m.name for m in enum)
+        raise ValueError(f"{name!r} is not a {enum.__name__}; one of: {choices}") from None
 
 
 def _number(text: str, what: str) -> float:
