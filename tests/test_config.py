@@ -28,6 +28,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         "FLASHDUTY_SECRET",
     ):
         monkeypatch.setenv(name, "secret-" + name.lower())
+    monkeypatch.setenv("ALERTOPS_URL", "https://example.invalid/POSTAlert/k3y-123456/Flic")
     config = load_config(Path(__file__).parent.parent / "config.example.toml")
     assert config.buttons and config.sinks
 

@@ -78,6 +78,11 @@ async def test_document_describes_every_route(tmp_path: Path, receiver: Receiver
         body_schema = signal["requestBody"]["content"]["application/json"]["schema"]
         assert body_schema == {"$ref": "#/components/schemas/SignalBody"}
         assert build_document(build_app(Bridge(config)))["paths"].keys() == document["paths"].keys()
+        for path, ops in document["paths"].items():
+            for method, op in ops.items():
+                if "requestBody" in op:  # every JSON body is bounded in size and depth
+                    assert {"400", "413"} <= set(op["responses"]), f"{method} {path}"
+                    assert "nested deeper" in op["responses"]["400"]["description"]
 
 
 def schemathesis_command() -> str:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import structlog
 
+from flicbridge.secrecy import mask
+
 log = structlog.get_logger(__name__)
 
 AlertType = Literal["INFO", "WARNING", "ERROR"]
@@ -99,7 +101,7 @@ class AlertBus:
             type=type,
             action=action,
             priority=priority,
-            message=message,
+            message=mask(message),
             event=event,
             action_exec_token=token,
             id=next(self._ids),

@@ -27,6 +27,7 @@ from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utc
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
+from flicbridge.server.limits import BoundedRunner
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 from flicbridge.state import AlertState, decide
@@ -160,7 +161,7 @@ class Bridge:
         try:
             self.states = await self.store.alerts()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
-            runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+            runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, self.config.server.host, self.config.server.port)
             await site.start()

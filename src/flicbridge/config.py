@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -28,8 +29,10 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
+from flicbridge import secrecy
 from flicbridge.domain import Click, is_bd_addr
 
 # The folder relative secret files and store paths are resolved against while loading.
@@ -53,7 +56,18 @@ def parse_duration(value: object) -> object:
 
 
 def resolve_secret(value: object) -> object:
-    """A literal, ``env:NAME`` (from the environment) or ``file:PATH`` (first line of a file)."""
+    """A literal, ``env:NAME`` (from the environment) or ``file:PATH`` (first line of a file).
+
+    An empty result is an error: the bridge never compares against an empty expected value.
+    """
+    resolved = _resolve_secret(value)
+    if isinstance(resolved, str) and not resolved.strip():
+        where = "" if value == resolved else f" ({value} gave an empty value)"
+        raise ValueError(f"a secret must not be empty{where}; set it, or disable what needs it")
+    return resolved
+
+
+def _resolve_secret(value: object) -> object:
     if not isinstance(value, str):
         return value
     if value.startswith("env:"):
@@ -99,8 +113,16 @@ class FlicdConfig(_Section):
     ping_interval: PingInterval = 10.0  # a silent flicd (socket open, nothing said) is noticed
 
 
+def _non_empty_path(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty: the path of the store file")
+    return value
+
+
 class StoreConfig(_Section):
-    path: Path = Path("/var/lib/flicbridge/flicbridge.db")
+    path: Annotated[Path, BeforeValidator(_non_empty_path)] = Path(
+        "/var/lib/flicbridge/flicbridge.db"
+    )
     history: int = Field(10_000, ge=0)  # delivered rows kept for the status API
 
 
@@ -311,9 +333,35 @@ def _reason(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
+# URL schemes each sink type accepts in ``url``; any other type: http and https.
+URL_SCHEMES: dict[str, tuple[str, ...]] = {"mqtt": ("mqtt", "mqtts")}
+
+
+def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    """Why ``url`` is not a usable URL with one of ``schemes`` (never echoes the URL)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in schemes:
+        return f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+    if not parts.hostname or any(c.isspace() for c in url):
+        return "not a valid URL (no host, or white space in it)"
+    return None
+
+
 def _cross_checks(config: Config) -> list[tuple[str, str]]:
     """Rules that span keys: unique ids, references, per-source requirements."""
     problems: list[tuple[str, str]] = []
+    for i, sink_cfg in enumerate(config.sinks):
+        url = getattr(sink_cfg, "url", None)
+        if isinstance(url, SecretStr):
+            why = url_problem(
+                url.get_secret_value(), URL_SCHEMES.get(sink_cfg.type, ("http", "https"))
+            )
+            if why:
+                problems.append((f"sinks[{i}].url", why))
     sink_ids = [s.id for s in config.sinks]
     for i, sink_id in enumerate(sink_ids):
         if sink_id in sink_ids[:i]:
@@ -399,11 +447,17 @@ def config_from_mapping(
     except ValidationError as exc:
         problems = [(_key_path(tuple(e["loc"])), _reason(e)) for e in exc.errors()]
         raise ConfigError(source, problems) from None
+    except SettingsError as exc:  # an environment override that is not valid JSON
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = field.group(1) if field else "(environment)"
+        reason = "the environment override does not parse (a JSON value is expected)"
+        raise ConfigError(source, [(name, reason)]) from None
     finally:
         _base_dir.reset(token)
     problems = _cross_checks(config)
     if problems:
         raise ConfigError(source, problems)
+    secrecy.register(secrecy.secrets_of(config))
     store_path = config.store.path
     if not store_path.is_absolute():
         store = config.store.model_copy(update={"path": base_dir / store_path})

@@ -7,7 +7,6 @@ Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx; bodies over 64
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flicbridge import __version__
 from flicbridge.domain import Signal, SignalState, utcnow
+from flicbridge.secrecy import mask, same_secret
 from flicbridge.server import ingest
 
 if TYPE_CHECKING:
@@ -45,16 +45,47 @@ class ApiError(Exception):
         self.status, self.message, self.detail = status, message, detail
 
 
+MAX_DEPTH = 32  # nesting of a JSON body; every body the API takes is 3 levels deep or less
+BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw``, counted outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a 400/413 ApiError."""
+    """The request body as JSON, or a 400/408/413 ApiError; every JSON route reads here."""
     try:
-        raw = await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "body too large", f"at most {MAX_BODY} bytes") from None
+    except TimeoutError:
+        raise ApiError(408, "body too slow", f"send it within {BODY_TIMEOUT:g} s") from None
+    if json_depth(raw) > MAX_DEPTH:
+        raise ApiError(400, "body is nested too deeply", f"at most {MAX_DEPTH} levels")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "body is not valid JSON", str(exc)) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "body is not valid JSON", str(exc)[:200]) from None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -94,6 +125,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error(503, "internal error", "logged by the bridge")
 
 
+_MASKED_TYPES = ("application/json", "text/html", "text/plain")
+
+
+@web.middleware
+async def redact_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every body the API builds passes the secret mask (status, page, metrics, errors)."""
+    response = await handler(request)
+    if (
+        isinstance(response, web.Response)
+        and isinstance(response.body, bytes)
+        and response.content_type in _MASKED_TYPES
+    ):
+        text = response.body.decode("utf-8", "replace")
+        masked = mask(text)
+        if masked != text:
+            response.body = masked.encode()
+    return response
+
+
 def _token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
@@ -121,7 +171,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         given = _token(request)
         if given is None:
             return error(401, "missing token", "Authorization: Bearer TOKEN, or ?token=")
-        if not hmac.compare_digest(given.encode(), configured.get_secret_value().encode()):
+        if not same_secret(given, configured):
             return error(401, "wrong token", None)
     return await handler(request)
 
@@ -393,7 +443,7 @@ async def outbox_drop(request: web.Request) -> web.Response:
 def build_app(bridge: Bridge) -> web.Application:
     """The aiohttp application for one bridge."""
     app = web.Application(
-        middlewares=[errors_middleware, ingest.middleware, auth_middleware],
+        middlewares=[redact_middleware, errors_middleware, ingest.middleware, auth_middleware],
         client_max_size=MAX_BODY,
     )
     app[BRIDGE] = bridge

@@ -27,7 +27,6 @@ answers 200 and does nothing.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -36,6 +35,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from flicbridge.domain import Decision, Signal, SignalState, utcnow
+from flicbridge.secrecy import same_secret
 from flicbridge.server.app import (
     BRIDGE,
     COMMIT_WAIT,
@@ -198,7 +198,7 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 def _secret_matches(given: str | None, expected: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+    return same_secret(given, expected)
 
 
 # -- iLert -------------------------------------------------------------------------------

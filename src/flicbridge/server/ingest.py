@@ -10,7 +10,6 @@ that names no source falls through to the bearer check, which answers 401.
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from flicbridge.config import Config
+from flicbridge.secrecy import same_secret
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +63,7 @@ class IngestGate:
         """The source whose token this is, or None; every token is compared, in constant time."""
         found = None
         for name, secret in self._secrets:
-            if hmac.compare_digest(given.encode(), secret) and found is None:
+            if same_secret(given, secret.decode()) and found is None:
                 found = name
         return found
 

@@ -149,7 +149,8 @@ class DroppedOut(BaseModel):
 # -- building blocks ---------------------------------------------------------------------
 
 ERRORS = {
-    400: "bad input: not JSON, or a body/parameter that does not validate (every problem listed)",
+    400: "bad input: not JSON, nested deeper than 32 levels, or a body/parameter that does not "
+    "validate (every problem listed)",
     401: "missing or wrong credentials",
     403: "the API is disabled: [server] token is not set",
     404: "no such thing (or the feature is disabled)",
@@ -204,13 +205,13 @@ class Describer:
 
     def errors(self, *codes: int, **why: str) -> dict[str, Any]:
         ref = self.schemas.ref(ErrorOut)
-        return {
-            str(code): {
-                "description": why.get(f"e{code}", ERRORS[code]),
-                "content": {JSON: {"schema": ref}},
-            }
-            for code in codes
-        }
+        out = {}
+        for code in codes:
+            description = why.get(f"e{code}", ERRORS[code])
+            if code == 400 and f"e{code}" in why:
+                description += ", or nested deeper than 32 levels"
+            out[str(code)] = {"description": description, "content": {JSON: {"schema": ref}}}
+        return out
 
 
 def _path_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -589,7 +590,9 @@ def build_document(app: web.Application) -> dict[str, Any]:
             "title": "flicbridge",
             "version": __version__,
             "description": "Flic button presses to incident platforms, durably. Errors are "
-            '`{"error": ..., "detail": ...}`; bodies over 64 KiB get 413.',
+            '`{"error": ..., "detail": ...}`; bodies over 64 KiB get 413, bodies nested deeper '
+            "than 32 levels get 400, a body not sent within 10 s gets 408, and a connection "
+            "that has not sent a whole request head within 10 s is closed.",
         },
         "paths": paths,
         "components": {

@@ -15,11 +15,11 @@ way a script or style runs.
 
 from __future__ import annotations
 
-import hmac
 import secrets
 
 from aiohttp import web
 
+from flicbridge.secrecy import same_secret
 from flicbridge.server.app import BRIDGE
 
 COOKIE = "flicbridge_token"
@@ -52,11 +52,7 @@ async def status_page(request: web.Request) -> web.Response:
     )
     given = request.query.get("token")
     configured = request.app[BRIDGE].config.server.token
-    if (
-        given
-        and configured is not None
-        and hmac.compare_digest(given.encode(), configured.get_secret_value().encode())
-    ):
+    if given and same_secret(given, configured):
         response.set_cookie(
             COOKIE, given, path="/", httponly=True, samesite="Strict", secure=request.secure
         )
