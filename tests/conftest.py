@@ -37,6 +37,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     at: float = field(default_factory=time.monotonic)
+    raw_path: str = ""  # as sent, percent-escapes kept
 
 
 @dataclass
@@ -62,7 +63,14 @@ class Receiver:
             body = raw.decode(errors="replace")
         answer = self.script.popleft() if self.script else self.default
         self.requests.append(
-            Received(request.method, request.path, dict(request.query), dict(request.headers), body)
+            Received(
+                request.method,
+                request.path,
+                dict(request.query),
+                dict(request.headers),
+                body,
+                raw_path=request.raw_path.split("?")[0],
+            )
         )
         async with self.arrived:
             self.arrived.notify_all()

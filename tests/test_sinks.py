@@ -23,7 +23,11 @@ from flicbridge.sinks import SINK_CLASSES, Sink, build_sink
 from flicbridge.sinks.alertops import AlertOpsSink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
+from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.ntfy import NtfySink
+from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
+from flicbridge.sinks.splunk_oncall import SplunkOnCallSink
 from flicbridge.sinks.webhook import PLACEHOLDERS, WebhookSink, template_problems
 
 PRESSED = "2024-05-01T10:00:00+00:00"
@@ -481,6 +485,10 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "pagerduty": (PagerDutySink, 1.5),
         "ilert": (IlertSink, 0.7),
         "flashduty": (FlashdutySink, 15.0),
+        "opsgenie": (OpsgenieSink, 0.5),
+        "splunk_oncall": (SplunkOnCallSink, 1.0),
+        "incidentio": (IncidentIoSink, 1.0),
+        "ntfy": (NtfySink, 0.5),
     }
     assert set(SINK_CLASSES) == set(expected)
     fields = {
@@ -489,6 +497,10 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "pagerduty": {"routing_key": "r"},
         "ilert": {"integration_key": "i"},
         "flashduty": {"integration_key": "f"},
+        "opsgenie": {"api_key": "k"},
+        "splunk_oncall": {"url": "http://127.0.0.1:9/s/k/r"},
+        "incidentio": {"url": "http://127.0.0.1:9/i", "token": "t"},
+        "ntfy": {"topic": "t"},
     }
     for kind, (cls, rate) in expected.items():
         sink = make_sink({"type": kind, **fields[kind]})

@@ -230,11 +230,57 @@ class FlashdutySink(_SinkBase):
     integration_key: Secret
 
 
+class OpsgenieSink(_SinkBase):
+    """Opsgenie; the same API serves Jira Service Management Ops and EU accounts via url."""
+
+    type: Literal["opsgenie"]
+    url: Secret = SecretStr("https://api.opsgenie.com/v2/alerts")
+    api_key: Secret
+
+
+class SplunkOnCallSink(_SinkBase):
+    """Splunk On-Call (VictorOps) REST endpoint: both keys are in the url."""
+
+    type: Literal["splunk_oncall"]
+    url: Secret
+
+
+class IncidentIoSink(_SinkBase):
+    type: Literal["incidentio"]
+    url: Secret  # the HTTP alert source's URL (…/v2/alert_events/http/<config id>)
+    token: Secret
+
+
+class NtfySink(_SinkBase):
+    type: Literal["ntfy"]
+    url: Secret = SecretStr("https://ntfy.sh")
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    token: Secret | None = None
+
+
 SinkConfig = Annotated[
-    AlertOpsSink | WebhookSink | PagerDutySink | IlertSink | FlashdutySink,
+    AlertOpsSink
+    | WebhookSink
+    | PagerDutySink
+    | IlertSink
+    | FlashdutySink
+    | OpsgenieSink
+    | SplunkOnCallSink
+    | IncidentIoSink
+    | NtfySink,
     Field(discriminator="type"),
 ]
-SINK_TYPES = ("alertops", "webhook", "pagerduty", "ilert", "flashduty")
+SINK_TYPES = (
+    "alertops",
+    "webhook",
+    "pagerduty",
+    "ilert",
+    "flashduty",
+    "opsgenie",
+    "splunk_oncall",
+    "incidentio",
+    "ntfy",
+)
 
 
 class Config(BaseSettings):

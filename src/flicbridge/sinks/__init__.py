@@ -7,11 +7,26 @@ from flicbridge.sinks.alertops import AlertOpsSink
 from flicbridge.sinks.base import HttpRequest, Sink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
+from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.ntfy import NtfySink
+from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
+from flicbridge.sinks.splunk_oncall import SplunkOnCallSink
 from flicbridge.sinks.webhook import WebhookSink
 
 SINK_CLASSES: dict[str, type[Sink]] = {
-    cls.type: cls for cls in (AlertOpsSink, WebhookSink, PagerDutySink, IlertSink, FlashdutySink)
+    cls.type: cls
+    for cls in (
+        AlertOpsSink,
+        WebhookSink,
+        PagerDutySink,
+        IlertSink,
+        FlashdutySink,
+        OpsgenieSink,
+        SplunkOnCallSink,
+        IncidentIoSink,
+        NtfySink,
+    )
 }
 
 
@@ -26,8 +41,12 @@ __all__ = [
     "FlashdutySink",
     "HttpRequest",
     "IlertSink",
+    "IncidentIoSink",
+    "NtfySink",
+    "OpsgenieSink",
     "PagerDutySink",
     "Sink",
+    "SplunkOnCallSink",
     "WebhookSink",
     "build_sink",
 ]
