@@ -13,12 +13,14 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from flicbridge import __version__
+from flicbridge.acks import FeedbackEvent, run_feedback
 from flicbridge.alerts import AlertBus
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.delivery import Outcome
@@ -30,7 +32,7 @@ from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 from flicbridge.state import AlertState, decide
-from flicbridge.store import Committed, EventRecord, OutboxRow, Store, StoreError
+from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +138,8 @@ class Bridge:
             age = functools.partial(self._oldest_pending_age, sink_id)
             self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
+        self._feedback: set[asyncio.Task[int | None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -154,6 +158,7 @@ class Bridge:
         runner: web.AppRunner | None = None
         try:
             self.states = await self.store.alerts()
+            self.acks = await self.store.acks()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
@@ -185,6 +190,8 @@ class Bridge:
             pass
         finally:
             self.accepting = False
+            for feedback in list(self._feedback):
+                feedback.cancel()
             if runner is not None:
                 await runner.cleanup()
             await self.store.close()
@@ -494,6 +501,7 @@ class Bridge:
             button=button.id,
         )
         if decision is Decision.OPEN:
+            self._clear_ack(self.config.alert_key(button))
             now = self.clock()
             if now - self._tokens_pruned > 3600:
                 # Forget tokens a day after they expired (until then they answer 409/410).
@@ -519,6 +527,73 @@ class Bridge:
                 entry = self.tokens.get(token)  # None once pruned
                 if entry is not None:
                     entry.spent = True  # the alert it would close is closed
+
+    # -- acknowledgements ------------------------------------------------------------
+
+    def acknowledge(
+        self, button_id: str, by: str, at: datetime | None = None, *, source: str
+    ) -> AckRecord | None:
+        """Record that ``by`` acknowledged the button's open alert (from ``source``).
+
+        Returns the record, or None when the alert is not open (nothing to acknowledge;
+        logged). Raises UnknownButton. The record is kept in memory at once and written to
+        the store in the background; a repeat replaces it. Publishes a HIGH INFO local
+        alert, counts it, and runs ``[feedback] command``.
+        """
+        button = self.button_config.get(button_id)
+        if button is None:
+            raise UnknownButton(button_id)
+        key = self.config.alert_key(button)
+        state = self.states.get(key)
+        if state is None or not state.is_open:
+            log.info("ack_ignored_not_open", button=button_id, source=source, by=by or None)
+            return None
+        at = at or utcnow()
+        record = AckRecord(key, button.id, by, at, source)
+        self.acks[key] = record
+        self._persist(self.store.save_ack(record), "ack_save_failed", button.id)
+        if state.opened_at is not None:
+            waited = max((at - state.opened_at).total_seconds(), 0.0)
+            self.metrics.time_to_ack.labels(button.id).observe(waited)
+        self.metrics.acknowledgements.labels(button.id, source).inc()
+        who = by or "someone"
+        log.info("acknowledged", button=button.id, source=source, by=by or None)
+        self.alerts_bus.publish(
+            "INFO",
+            "MESSAGE",
+            "HIGH",
+            f"{button.display_name}: {who} acknowledged the alert (via {source}); help is coming",
+            event=state.last_event,
+            button=button.id,
+        )
+        self.feedback("acknowledged", button.id, by)
+        return record
+
+    def feedback(self, event: FeedbackEvent, button_id: str, by: str) -> None:
+        """Start ``[feedback] command`` in the background (nothing when none is set)."""
+        command = self.config.feedback.command
+        if not command:
+            return
+        task = asyncio.get_running_loop().create_task(
+            run_feedback(
+                command, self.config.feedback.timeout, event=event, button=button_id, by=by
+            ),
+            name=f"feedback:{button_id}",
+        )
+        self._feedback.add(task)
+        task.add_done_callback(self._feedback.discard)
+
+    def _clear_ack(self, alert_key: str) -> None:
+        if self.acks.pop(alert_key, None) is not None:
+            self._persist(self.store.clear_ack(alert_key), "ack_clear_failed", alert_key)
+
+    @staticmethod
+    def _persist(future: asyncio.Future[None], event: str, subject: str) -> None:
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error(event, subject=subject, error=str(f.exception()))
+
+        future.add_done_callback(done)
 
     # -- DeliveryListener ------------------------------------------------------------
 

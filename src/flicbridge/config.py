@@ -125,6 +125,19 @@ class FlashdutyConfig(_Section):
     secret: Secret | None = None
 
 
+class PagerDutyConfig(_Section):
+    """PagerDuty Webhooks v3 receiver (POST /pagerduty/webhook); off while no secret is set."""
+
+    webhook_secret: Secret | None = None
+
+
+class FeedbackConfig(_Section):
+    """A local command run on each acknowledgement/resolution (argv, no shell)."""
+
+    command: tuple[str, ...] = ()
+    timeout: Duration = 10.0
+
+
 class IngestConfig(_Section):
     """Per-source tokens for POST /api/v1/ingest/flic, for clients that cannot set headers."""
 
@@ -227,6 +240,8 @@ class Config(BaseSettings):
     ilert: IlertConfig = IlertConfig()
     flashduty: FlashdutyConfig = FlashdutyConfig()
     ingest: IngestConfig = IngestConfig()
+    pagerduty: PagerDutyConfig = PagerDutyConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     buttons: tuple[ButtonConfig, ...] = ()
     sinks: tuple[SinkConfig, ...] = ()
 
