@@ -26,6 +26,7 @@ from flicbridge.config import ButtonConfig, Config
 from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
+from flicbridge.health import HealthChange, HealthMonitor, health_key
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
@@ -140,6 +141,14 @@ class Bridge:
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
+        self.health_monitor = HealthMonitor(
+            {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
+            battery_warn_percent=config.alerts.battery_warn_percent,
+            silent_after=config.alerts.silent_after,
+            is_open=self._health_open,
+            change=self._health_change,
+            clock=clock,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -159,6 +168,7 @@ class Bridge:
         try:
             self.states = await self.store.alerts()
             self.acks = await self.store.acks()
+            self.health_monitor.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
@@ -171,6 +181,7 @@ class Bridge:
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
+                tg.create_task(self.health_monitor.run(), name="button-health")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
                 self._ready.set()
@@ -254,6 +265,7 @@ class Bridge:
             return
 
         ctx = {"button": button.id, "click": press.click.value, "source": press.source}
+        self.health_monitor.heard(button.id)
 
         max_age = self.config.alerts.max_press_age
         if press.queued:
@@ -319,6 +331,7 @@ class Bridge:
         if status is None:
             return
         status.connected, status.detail = connected, detail
+        self.health_monitor.heard(button_id)
         self.metrics.button_connected.labels(button_id).set(1 if connected else 0)
         log.info("button_link", button=button_id, connected=connected, detail=detail)
 
@@ -328,6 +341,7 @@ class Bridge:
             return
         status.battery = percent
         self.metrics.battery.labels(button_id).set(percent)
+        self.health_monitor.battery(button_id, percent)
         threshold = self.config.alerts.battery_warn_percent
         if percent < threshold and not status.battery_low:
             status.battery_low = True
@@ -356,11 +370,12 @@ class Bridge:
         return button.display_name if button else button_id
 
     def submit(
-        self, signal: Signal, *, callback: tuple[str, str] | None = None
+        self, signal: Signal, *, callback: tuple[str, str] | None = None, health: bool = False
     ) -> asyncio.Future[Accepted]:
         """Decide ``signal`` now (arrival order) and commit it; the future says when it is safe.
 
         ``callback`` = (source, event id) makes a repeat of the same callback a no-op.
+        ``health`` moves the button's health alert (``<alert key>/health``) instead.
         """
         if not self.accepting:
             raise NotAccepting("shutting down")
@@ -368,7 +383,7 @@ class Bridge:
         if button is None:
             raise UnknownButton(signal.button_id)
         now = utcnow()
-        before = self._state(button)
+        before = self._health_state(button) if health else self._state(button)
         decision, after = decide(before, signal.state, now, self.config.alerts.suppress_repeat_for)
         sends = decision.sends and not signal.local_only
         messages = (
@@ -376,9 +391,11 @@ class Bridge:
                 (sink.id, self._message(button, signal, decision))
                 for sink in self.config.sinks_of(button)
             ]
-            if sends
+            if sends and not health
             else []
         )
+        if sends and health:
+            messages = self._health_messages(button, signal, decision)
         press = signal.press
         event = EventRecord(
             button_id=button.id,
@@ -443,7 +460,8 @@ class Bridge:
             self.states[after.alert_key] = replace(current, last_event=c.event_id)
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             self.metrics.presses.labels(button.id, signal.origin, decision.value).inc()
-            self.buttons[button.id].last_decision = decision.value
+            if not health:
+                self.buttons[button.id].last_decision = decision.value
             log.info(
                 "accepted",
                 button=button.id,
@@ -458,7 +476,8 @@ class Bridge:
                 local_only=signal.local_only or None,
             )
             self.dispatcher.add(c.rows)
-            self._announce(button, signal, decision, c.event_id)
+            if not health:
+                self._announce(button, signal, decision, c.event_id)
             result.set_result(Accepted(c.event_id, decision, c.rows))
 
         committed.add_done_callback(on_commit)
@@ -527,6 +546,55 @@ class Bridge:
                 entry = self.tokens.get(token)  # None once pruned
                 if entry is not None:
                     entry.spent = True  # the alert it would close is closed
+
+    # -- button health ---------------------------------------------------------------
+
+    def _health_state(self, button: ButtonConfig) -> AlertState:
+        key = health_key(self.config.alert_key(button))
+        return self.states.get(key) or AlertState(alert_key=key, button_id=button.id)
+
+    def _health_open(self, button_id: str) -> bool:
+        button = self.button_config.get(button_id)
+        return button is not None and self._health_state(button).is_open
+
+    def _health_messages(
+        self, button: ButtonConfig, signal: Signal, decision: Decision
+    ) -> list[tuple[str, Message]]:
+        """The health alert's messages: severity warning, the reason as info."""
+        wanted = self.config.alerts.health_sinks
+        sinks = (
+            self.config.sinks_of(button)
+            if wanted is None
+            else tuple(s for s in self.config.sinks if s.id in wanted)
+        )
+        key = health_key(self.config.alert_key(button))
+        base = replace(
+            self._message(button, signal, decision),
+            alert_key=key,
+            name_id=key,
+            info=signal.info,
+            severity="warning",
+        )
+        return [(sink.id, base) for sink in sinks]
+
+    def _health_change(self, change: HealthChange) -> None:
+        state = SignalState.ON if change.unhealthy else SignalState.OFF
+        signal = Signal(
+            button_id=change.button_id,
+            state=state,
+            origin="health",
+            received_at=utcnow(),
+            info=change.reason,
+        )
+        try:
+            self.submit(signal, health=True)
+        except (NotAccepting, UnknownButton, StoreError) as exc:
+            log.error("health_alert_not_recorded", button=change.button_id, error=str(exc))
+            return
+        if change.unhealthy and "not heard" in change.summary:
+            self.alerts_bus.publish(
+                "WARNING", "MESSAGE", "NORMAL", change.summary, button=change.button_id
+            )
 
     # -- acknowledgements ------------------------------------------------------------
 

@@ -112,6 +112,8 @@ class AlertsConfig(_Section):
     suppress_repeat_for: Duration = 60.0
     battery_warn_percent: int = Field(15, ge=0, le=100)
     max_press_age: Duration = 0.0
+    silent_after: Duration = 0.0  # a radio button unheard this long opens its health alert
+    health_sinks: tuple[str, ...] | None = None  # where health alerts go; None: the button's
 
 
 class IlertConfig(_Section):
@@ -324,6 +326,9 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     for i, sink_id in enumerate(sink_ids):
         if sink_id in sink_ids[:i]:
             problems.append((f"sinks[{i}].id", f"duplicate sink id {sink_id!r}"))
+    for i, sink_id in enumerate(config.alerts.health_sinks or ()):
+        if sink_id not in sink_ids:
+            problems.append((f"alerts.health_sinks[{i}]", f"no sink has id {sink_id!r}"))
     seen_ids: set[str] = set()
     seen_addresses: set[str] = set()
     names: dict[str, str] = {}
