@@ -27,6 +27,7 @@ from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
 from flicbridge.health import HealthChange, HealthMonitor, health_key
+from flicbridge.heartbeat import Heartbeat
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
@@ -141,6 +142,7 @@ class Bridge:
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
+        self.heartbeat: Heartbeat | None = None
         self.health_monitor = HealthMonitor(
             {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
             battery_warn_percent=config.alerts.battery_warn_percent,
@@ -182,6 +184,9 @@ class Bridge:
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
                 tg.create_task(self.health_monitor.run(), name="button-health")
+                if self.config.heartbeat.url is not None:
+                    self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
+                    tg.create_task(self.heartbeat.run(), name="heartbeat")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
                 self._ready.set()
@@ -546,6 +551,18 @@ class Bridge:
                 entry = self.tokens.get(token)  # None once pruned
                 if entry is not None:
                     entry.spent = True  # the alert it would close is closed
+
+    # -- heartbeat -------------------------------------------------------------------
+
+    def _unhealthy(self) -> list[str]:
+        """Why the heartbeat is withheld: the store fails or a radio source is down."""
+        reasons = []
+        if not self.health.store_ok:
+            reasons.append(f"store cannot commit: {self.health.store_error}")
+        for source, up in self.health.source_up.items():
+            if not up:
+                reasons.append(f"{source} not connected: {self.health.source_detail.get(source)}")
+        return reasons
 
     # -- button health ---------------------------------------------------------------
 

@@ -133,6 +133,15 @@ class PagerDutyConfig(_Section):
     webhook_secret: Secret | None = None
 
 
+class HeartbeatConfig(_Section):
+    """The bridge's dead-man's switch: ``url`` is called every ``interval`` while healthy."""
+
+    url: Secret | None = None
+    interval: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 60.0
+    method: Literal["GET", "POST", "HEAD"] = "GET"
+    fail_url: Secret | None = None
+
+
 class FeedbackConfig(_Section):
     """A local command run on each acknowledgement/resolution (argv, no shell)."""
 
@@ -244,6 +253,7 @@ class Config(BaseSettings):
     ingest: IngestConfig = IngestConfig()
     pagerduty: PagerDutyConfig = PagerDutyConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
     buttons: tuple[ButtonConfig, ...] = ()
     sinks: tuple[SinkConfig, ...] = ()
 
