@@ -35,6 +35,7 @@ def api_config(tmp_path: Path, receiver: Receiver) -> Config:
         # The bearer header schemathesis sends everywhere also opens the iLert routes.
         ilert={"enabled": True, "authorization": f"Bearer {TOKEN}"},
         flashduty={"enabled": True, "header": FLASHDUTY_HEADER, "secret": FLASHDUTY_SECRET},
+        pagerduty={"webhook_secret": "pd-webhook-secret"},
     )
 
 
@@ -73,6 +74,7 @@ async def test_document_describes_every_route(tmp_path: Path, receiver: Receiver
             "cookieToken",
             "ilertAuthorization",
             "flashdutyHeader",
+            "pagerdutySignature",
         }
         signal = document["paths"]["/api/v1/buttons/{id}/signal"]["post"]
         body_schema = signal["requestBody"]["content"]["application/json"]["schema"]

@@ -13,17 +13,21 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from flicbridge import __version__
+from flicbridge.acks import FeedbackEvent, run_feedback
 from flicbridge.alerts import AlertBus
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
+from flicbridge.health import HealthChange, HealthMonitor, health_key
+from flicbridge.heartbeat import Heartbeat
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
@@ -31,7 +35,7 @@ from flicbridge.server.limits import BoundedRunner
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 from flicbridge.state import AlertState, decide
-from flicbridge.store import Committed, EventRecord, OutboxRow, Store, StoreError
+from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -142,6 +146,17 @@ class Bridge:
             age = functools.partial(self._oldest_pending_age, sink_id)
             self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
+        self._feedback: set[asyncio.Task[int | None]] = set()
+        self.heartbeat: Heartbeat | None = None
+        self.health_monitor = HealthMonitor(
+            {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
+            battery_warn_percent=config.alerts.battery_warn_percent,
+            silent_after=config.alerts.silent_after,
+            is_open=self._health_open,
+            change=self._health_change,
+            clock=clock,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -160,6 +175,8 @@ class Bridge:
         runner: web.AppRunner | None = None
         try:
             self.states = await self.store.alerts()
+            self.acks = await self.store.acks()
+            self.health_monitor.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
@@ -172,6 +189,10 @@ class Bridge:
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
+                tg.create_task(self.health_monitor.run(), name="button-health")
+                if self.config.heartbeat.url is not None:
+                    self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
+                    tg.create_task(self.heartbeat.run(), name="heartbeat")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
                 self._ready.set()
@@ -191,6 +212,8 @@ class Bridge:
             pass
         finally:
             self.accepting = False
+            for feedback in list(self._feedback):
+                feedback.cancel()
             if runner is not None:
                 await runner.cleanup()
             await self.store.close()
@@ -253,6 +276,7 @@ class Bridge:
             return
 
         ctx = {"button": button.id, "click": press.click.value, "source": press.source}
+        self.health_monitor.heard(button.id)
 
         max_age = self.config.alerts.max_press_age
         if press.queued:
@@ -327,6 +351,7 @@ class Bridge:
         if status is None:
             return
         status.connected, status.detail = connected, detail
+        self.health_monitor.heard(button_id)
         self.metrics.button_connected.labels(button_id).set(1 if connected else 0)
         log.info("button_link", button=button_id, connected=connected, detail=detail)
 
@@ -336,6 +361,7 @@ class Bridge:
             return
         status.battery = percent
         self.metrics.battery.labels(button_id).set(percent)
+        self.health_monitor.battery(button_id, percent)
         threshold = self.config.alerts.battery_warn_percent
         if percent < threshold and not status.battery_low:
             status.battery_low = True
@@ -364,11 +390,12 @@ class Bridge:
         return button.display_name if button else button_id
 
     def submit(
-        self, signal: Signal, *, callback: tuple[str, str] | None = None
+        self, signal: Signal, *, callback: tuple[str, str] | None = None, health: bool = False
     ) -> asyncio.Future[Accepted]:
         """Decide ``signal`` now (arrival order) and commit it; the future says when it is safe.
 
         ``callback`` = (source, event id) makes a repeat of the same callback a no-op.
+        ``health`` moves the button's health alert (``<alert key>/health``) instead.
         """
         if not self.accepting:
             raise NotAccepting("shutting down")
@@ -376,7 +403,7 @@ class Bridge:
         if button is None:
             raise UnknownButton(signal.button_id)
         now = utcnow()
-        before = self._state(button)
+        before = self._health_state(button) if health else self._state(button)
         decision, after = decide(before, signal.state, now, self.config.alerts.suppress_repeat_for)
         sends = decision.sends and not signal.local_only
         messages = (
@@ -384,9 +411,11 @@ class Bridge:
                 (sink.id, self._message(button, signal, decision))
                 for sink in self.config.sinks_of(button)
             ]
-            if sends
+            if sends and not health
             else []
         )
+        if sends and health:
+            messages = self._health_messages(button, signal, decision)
         press = signal.press
         event = EventRecord(
             button_id=button.id,
@@ -451,7 +480,8 @@ class Bridge:
             self.states[after.alert_key] = replace(current, last_event=c.event_id)
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             self.metrics.presses.labels(button.id, signal.origin, decision.value).inc()
-            self.buttons[button.id].last_decision = decision.value
+            if not health:
+                self.buttons[button.id].last_decision = decision.value
             log.info(
                 "accepted",
                 button=button.id,
@@ -466,7 +496,8 @@ class Bridge:
                 local_only=signal.local_only or None,
             )
             self.dispatcher.add(c.rows)
-            self._announce(button, signal, decision, c.event_id)
+            if not health:
+                self._announce(button, signal, decision, c.event_id)
             result.set_result(Accepted(c.event_id, decision, c.rows))
 
         committed.add_done_callback(on_commit)
@@ -509,6 +540,7 @@ class Bridge:
             button=button.id,
         )
         if decision is Decision.OPEN:
+            self._clear_ack(self.config.alert_key(button))
             now = self.token_clock()
             if now - self._tokens_pruned > 3600:
                 # Forget tokens a day after they expired (until then they answer 409/410).
@@ -534,6 +566,134 @@ class Bridge:
                 entry = self.tokens.get(token)  # None once pruned
                 if entry is not None:
                     entry.spent = True  # the alert it would close is closed
+
+    # -- heartbeat -------------------------------------------------------------------
+
+    def _unhealthy(self) -> list[str]:
+        """Why the heartbeat is withheld: the store fails or a radio source is down."""
+        reasons = []
+        if not self.health.store_ok:
+            reasons.append(f"store cannot commit: {self.health.store_error}")
+        for source, up in self.health.source_up.items():
+            if not up:
+                reasons.append(f"{source} not connected: {self.health.source_detail.get(source)}")
+        return reasons
+
+    # -- button health ---------------------------------------------------------------
+
+    def _health_state(self, button: ButtonConfig) -> AlertState:
+        key = health_key(self.config.alert_key(button))
+        return self.states.get(key) or AlertState(alert_key=key, button_id=button.id)
+
+    def _health_open(self, button_id: str) -> bool:
+        button = self.button_config.get(button_id)
+        return button is not None and self._health_state(button).is_open
+
+    def _health_messages(
+        self, button: ButtonConfig, signal: Signal, decision: Decision
+    ) -> list[tuple[str, Message]]:
+        """The health alert's messages: severity warning, the reason as info."""
+        wanted = self.config.alerts.health_sinks
+        sinks = (
+            self.config.sinks_of(button)
+            if wanted is None
+            else tuple(s for s in self.config.sinks if s.id in wanted)
+        )
+        key = health_key(self.config.alert_key(button))
+        base = replace(
+            self._message(button, signal, decision),
+            alert_key=key,
+            name_id=key,
+            info=signal.info,
+            severity="warning",
+        )
+        return [(sink.id, base) for sink in sinks]
+
+    def _health_change(self, change: HealthChange) -> None:
+        state = SignalState.ON if change.unhealthy else SignalState.OFF
+        signal = Signal(
+            button_id=change.button_id,
+            state=state,
+            origin="health",
+            received_at=utcnow(),
+            info=change.reason,
+        )
+        try:
+            self.submit(signal, health=True)
+        except (NotAccepting, UnknownButton, StoreError) as exc:
+            log.error("health_alert_not_recorded", button=change.button_id, error=str(exc))
+            return
+        if change.unhealthy and "not heard" in change.summary:
+            self.alerts_bus.publish(
+                "WARNING", "MESSAGE", "NORMAL", change.summary, button=change.button_id
+            )
+
+    # -- acknowledgements ------------------------------------------------------------
+
+    def acknowledge(
+        self, button_id: str, by: str, at: datetime | None = None, *, source: str
+    ) -> AckRecord | None:
+        """Record that ``by`` acknowledged the button's open alert (from ``source``).
+
+        Returns the record, or None when the alert is not open (nothing to acknowledge;
+        logged). Raises UnknownButton. The record is kept in memory at once and written to
+        the store in the background; a repeat replaces it. Publishes a HIGH INFO local
+        alert, counts it, and runs ``[feedback] command``.
+        """
+        button = self.button_config.get(button_id)
+        if button is None:
+            raise UnknownButton(button_id)
+        key = self.config.alert_key(button)
+        state = self.states.get(key)
+        if state is None or not state.is_open:
+            log.info("ack_ignored_not_open", button=button_id, source=source, by=by or None)
+            return None
+        at = at or utcnow()
+        record = AckRecord(key, button.id, by, at, source)
+        self.acks[key] = record
+        self._persist(self.store.save_ack(record), "ack_save_failed", button.id)
+        if state.opened_at is not None:
+            waited = max((at - state.opened_at).total_seconds(), 0.0)
+            self.metrics.time_to_ack.labels(button.id).observe(waited)
+        self.metrics.acknowledgements.labels(button.id, source).inc()
+        who = by or "someone"
+        log.info("acknowledged", button=button.id, source=source, by=by or None)
+        self.alerts_bus.publish(
+            "INFO",
+            "MESSAGE",
+            "HIGH",
+            f"{button.display_name}: {who} acknowledged the alert (via {source}); help is coming",
+            event=state.last_event,
+            button=button.id,
+        )
+        self.feedback("acknowledged", button.id, by)
+        return record
+
+    def feedback(self, event: FeedbackEvent, button_id: str, by: str) -> None:
+        """Start ``[feedback] command`` in the background (nothing when none is set)."""
+        command = self.config.feedback.command
+        if not command:
+            return
+        task = asyncio.get_running_loop().create_task(
+            run_feedback(
+                command, self.config.feedback.timeout, event=event, button=button_id, by=by
+            ),
+            name=f"feedback:{button_id}",
+        )
+        self._feedback.add(task)
+        task.add_done_callback(self._feedback.discard)
+
+    def _clear_ack(self, alert_key: str) -> None:
+        if self.acks.pop(alert_key, None) is not None:
+            self._persist(self.store.clear_ack(alert_key), "ack_clear_failed", alert_key)
+
+    @staticmethod
+    def _persist(future: asyncio.Future[None], event: str, subject: str) -> None:
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error(event, subject=subject, error=str(f.exception()))
+
+        future.add_done_callback(done)
 
     # -- DeliveryListener ------------------------------------------------------------
 

@@ -143,6 +143,8 @@ class AlertsConfig(_Section):
     suppress_repeat_for: LongDuration = 60.0
     battery_warn_percent: int = Field(15, ge=0, le=100)
     max_press_age: LongDuration = 0.0
+    silent_after: LongDuration = 0.0  # a radio button unheard this long opens its health alert
+    health_sinks: tuple[str, ...] | None = None  # where health alerts go; None: the button's
 
 
 class IlertConfig(_Section):
@@ -154,6 +156,28 @@ class FlashdutyConfig(_Section):
     enabled: bool = False
     header: str = "X-Flicbridge-Token"
     secret: Secret | None = None
+
+
+class PagerDutyConfig(_Section):
+    """PagerDuty Webhooks v3 receiver (POST /pagerduty/webhook); off while no secret is set."""
+
+    webhook_secret: Secret | None = None
+
+
+class HeartbeatConfig(_Section):
+    """The bridge's dead-man's switch: ``url`` is called every ``interval`` while healthy."""
+
+    url: Secret | None = None
+    interval: Annotated[Duration, Field(ge=1.0, le=_DAY)] = 60.0
+    method: Literal["GET", "POST", "HEAD"] = "GET"
+    fail_url: Secret | None = None
+
+
+class FeedbackConfig(_Section):
+    """A local command run on each acknowledgement/resolution (argv, no shell)."""
+
+    command: tuple[str, ...] = ()
+    timeout: HttpTimeout = 10.0
 
 
 class IngestConfig(_Section):
@@ -304,6 +328,9 @@ class Config(BaseSettings):
     ilert: IlertConfig = IlertConfig()
     flashduty: FlashdutyConfig = FlashdutyConfig()
     ingest: IngestConfig = IngestConfig()
+    pagerduty: PagerDutyConfig = PagerDutyConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
     buttons: tuple[ButtonConfig, ...] = ()
     sinks: tuple[SinkConfig, ...] = ()
 
@@ -400,6 +427,10 @@ def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str |
 def _cross_checks(config: Config) -> list[tuple[str, str]]:
     """Rules that span keys: unique ids, references, per-source requirements."""
     problems: list[tuple[str, str]] = []
+    for name in ("url", "fail_url"):
+        beat = getattr(config.heartbeat, name)
+        if beat is not None and (why := url_problem(beat.get_secret_value())):
+            problems.append((f"heartbeat.{name}", why))
     for i, sink_cfg in enumerate(config.sinks):
         url = getattr(sink_cfg, "url", None)
         if isinstance(url, SecretStr):
@@ -412,6 +443,9 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     for i, sink_id in enumerate(sink_ids):
         if sink_id in sink_ids[:i]:
             problems.append((f"sinks[{i}].id", f"duplicate sink id {sink_id!r}"))
+    for i, sink_id in enumerate(config.alerts.health_sinks or ()):
+        if sink_id not in sink_ids:
+            problems.append((f"alerts.health_sinks[{i}]", f"no sink has id {sink_id!r}"))
     seen_ids: set[str] = set()
     seen_addresses: set[str] = set()
     names: dict[str, str] = {}

@@ -75,6 +75,19 @@ class Metrics:
         self.battery = Gauge(
             "flicbridge_button_battery_percent", "Last battery report", ["button"], registry=r
         )
+        self.acknowledgements = Counter(
+            "flicbridge_acknowledgements",
+            "Acknowledgements of open alerts, by button and source (pagerduty, api, ...)",
+            ["button", "source"],
+            registry=r,
+        )
+        self.time_to_ack = Histogram(
+            "flicbridge_time_to_acknowledge_seconds",
+            "From the alert's open to its acknowledgement",
+            ["button"],
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 14400),
+            registry=r,
+        )
         self.store_healthy.set(1)
 
     def render(self) -> bytes:

@@ -99,6 +99,28 @@ CREATE TABLE IF NOT EXISTS callbacks (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Acknowledgements of open alerts: one row per alert key, removed by the next open.
+ACKS_DDL = """
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    alert_key TEXT PRIMARY KEY,
+    button_id TEXT NOT NULL,
+    acknowledged_by TEXT NOT NULL,
+    acknowledged_at TEXT NOT NULL,
+    source TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AckRecord:
+    """Who acknowledged an open alert, when, and through what (pagerduty, api, ...)."""
+
+    alert_key: str
+    button_id: str
+    by: str
+    at: datetime
+    source: str
+
 
 class StoreError(Exception):
     """The store cannot be used (corrupt, unreadable, wrong file)."""
@@ -250,6 +272,7 @@ class Store:
         conn = connect(self.path)
         try:
             conn.executescript(SCHEMA)
+            conn.executescript(ACKS_DDL)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
@@ -606,6 +629,42 @@ class Store:
             return [dict(r) for r in cur]
 
         return await self.read(op)
+
+    # -- acknowledgements (who said "help is coming" for an open alert) --------------
+
+    def save_ack(self, ack: AckRecord) -> asyncio.Future[None]:
+        """Record (or replace) the acknowledgement of ``ack.alert_key``."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO acknowledgements (alert_key, button_id,"
+                " acknowledged_by, acknowledged_at, source) VALUES (?, ?, ?, ?, ?)",
+                (ack.alert_key, ack.button_id, ack.by, ack.at.isoformat(), ack.source),
+            )
+
+        return self.submit(op)
+
+    def clear_ack(self, alert_key: str) -> asyncio.Future[None]:
+        """Forget the acknowledgement of ``alert_key`` (a new open)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM acknowledgements WHERE alert_key = ?", (alert_key,))
+
+        return self.submit(op)
+
+    async def acks(self) -> dict[str, AckRecord]:
+        """Every recorded acknowledgement by alert key (read at start)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, AckRecord]:
+            cur = conn.execute(
+                "SELECT alert_key, button_id, acknowledged_by, acknowledged_at, source"
+                " FROM acknowledgements"
+            )
+            return {
+                r[0]: AckRecord(r[0], r[1], r[2], datetime.fromisoformat(r[3]), r[4]) for r in cur
+            }
+
+        return await self.run(op)
 
 
 def _save_alert(conn: sqlite3.Connection, alert: AlertState, event_id: int) -> None:

@@ -310,6 +310,8 @@ async def status_json(bridge: Bridge) -> dict[str, Any]:
                 "connected": link.connected,
                 "link_detail": link.detail,
                 "battery": link.battery,
+                "acknowledged_by": ack.by if (ack := bridge.acks.get(key)) else None,
+                "acknowledged_at": ack.at.isoformat() if ack else None,
                 "sinks": [s.id for s in bridge.config.sinks_of(button)],
             }
         )
@@ -458,8 +460,9 @@ def build_app(bridge: Bridge) -> web.Application:
     app.router.add_post("/api/v1/outbox/{row}/retry", outbox_retry)
     app.router.add_delete("/api/v1/outbox/{row}", outbox_drop)
     # Features with routes of their own, registered by hand in one place.
-    from flicbridge.server import callbacks, local, openapi, page
+    from flicbridge.server import acks, callbacks, local, openapi, page
 
+    acks.add_routes(app)
     callbacks.add_routes(app)
     local.add_routes(app)
     page.add_routes(app)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from flicbridge import __version__
 from flicbridge.config import Config
+from flicbridge.server.acks import AckBody, AckOut, PagerDutyDelivery, PagerDutyResult
 from flicbridge.server.app import BRIDGE, IngestBody, SignalBody
 from flicbridge.server.callbacks import (
     FlashdutyPush,
@@ -80,6 +81,8 @@ class StatusButton(BaseModel):
     connected: bool | None
     link_detail: str
     battery: int | None
+    acknowledged_by: str | None
+    acknowledged_at: str | None
     sinks: list[str]
 
 
@@ -337,6 +340,38 @@ def describe(d: Describer, config: Config) -> dict[tuple[str, str], dict[str, An
                 **d.errors(400, *api, 404, 413, 503),
             },
         },
+        ("POST", "/api/v1/buttons/{id}/ack"): {
+            "summary": "Acknowledge the button's open alert: someone is on the way",
+            "description": "Recorded with the alert (status `acknowledged_by`, "
+            "`acknowledged_at`), published as a HIGH INFO local alert and runs "
+            "`[feedback] command`. The next open clears it.",
+            "tags": ["signals"],
+            "security": TOKEN_AUTH,
+            "parameters": [
+                {**_path_param("id", {"type": "string"}, "the button id"), "example": ex["button"]}
+            ],
+            "requestBody": d.body(AckBody, {"by": "Ada at the front desk"}),
+            "responses": {
+                **d.ok(AckOut, "recorded"),
+                **d.errors(400, *api, 404, 409, 413, e409="the button's alert is not open"),
+            },
+        },
+        ("POST", "/pagerduty/webhook"): {
+            "summary": "PagerDuty Webhooks v3: incident acknowledged / resolved",
+            "description": "Verified by `X-PagerDuty-Signature` (`v1=` hex HMAC-SHA256 of the "
+            "raw body with `[pagerduty] webhook_secret`; several comma-separated, any valid "
+            "one passes). `incident.acknowledged` records `event.agent.summary` as "
+            "acknowledging; `incident.resolved` closes the alert here without sending Off. "
+            "The button is found by `event.data.incident_key`. Other events and unknown "
+            "incidents answer 200 `ignored`. 404 while no secret is set.",
+            "tags": ["callbacks"],
+            "security": [{"pagerdutySignature": []}],
+            "requestBody": d.body(PagerDutyDelivery),
+            "responses": {
+                **d.ok(PagerDutyResult, "handled or ignored"),
+                **d.errors(400, 401, 404, 413, 503, e401="no valid v1 signature", e400="not JSON"),
+            },
+        },
         ("POST", "/api/v1/ingest/flic"): {
             "summary": "AlertOps-style Flic body (Flic app HTTP action, Flic Hub module)",
             "description": "Besides the server token, `?token=` may carry an `[ingest]` "
@@ -520,6 +555,13 @@ def security_schemes(config: Config) -> dict[str, Any]:
             "name": "Authorization",
             "description": "must equal `[ilert] authorization` (the credentials of the "
             "dynamic action connector)",
+        },
+        "pagerdutySignature": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-PagerDuty-Signature",
+            "description": "`v1=` + hex HMAC-SHA256 of the raw body with "
+            "`[pagerduty] webhook_secret`",
         },
         "flashdutyHeader": {
             "type": "apiKey",

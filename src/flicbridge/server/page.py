@@ -213,7 +213,10 @@ small { color: var(--muted); }
     const open = b.state === "open";
     const alert = el("td", { class: "state" },
       el("span", { class: "badge " + (open ? "bad" : "ok") }, open ? "OPEN" : "closed"),
-      open && b.opened_at ? el("small", {}, " since ", when(b.opened_at)) : null);
+      open && b.opened_at ? el("small", {}, " since ", when(b.opened_at)) : null,
+      open && b.acknowledged_by ? el("div", { class: "ack ok" },
+        "acknowledged by ", b.acknowledged_by, " ", el("small", {}, when(b.acknowledged_at)))
+        : null);
     let link;
     if (b.connected === true) link = el("span", { class: "ok" }, "in range");
     else if (b.connected === false) link = el("span", { class: "bad" }, "out of range");

@@ -1,0 +1,191 @@
+"""Acknowledgements coming in: PagerDuty Webhooks v3 and the local ack API.
+
+``POST /pagerduty/webhook`` takes PagerDuty's v3 webhook deliveries. Each is verified
+before anything else is read: ``X-PagerDuty-Signature`` carries one or more comma-separated
+``v1=<hex HMAC-SHA256 of the raw body>`` signatures (several while a secret rotates); any
+one made with ``[pagerduty] webhook_secret`` passes (constant-time compare), none → 401.
+Only then is the body parsed (not JSON → 400). The incident is matched to a button by
+``event.data.incident_key``, the dedup key the pagerduty sink sent (= the alert key):
+
+- ``incident.acknowledged`` → the button's alert is acknowledged by ``event.agent.summary``;
+- ``incident.resolved`` → the alert is closed here only (re-armed: no Off is sent back,
+  PagerDuty already closed it) and the feedback command runs with ``resolved``.
+
+Anything else — other event types, incidents of no known button — answers 200 with
+``"ignored"`` and is logged, so PagerDuty does not retry it. With no secret set the route
+answers 404.
+
+``POST /api/v1/buttons/{id}/ack`` (token) records an acknowledgement by hand, or from any
+tool that can post ``{"by": "name"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from flicbridge.server.app import BRIDGE, MAX_BODY, ApiError, find_button, parse, read_json
+from flicbridge.server.callbacks import run_action
+
+if TYPE_CHECKING:
+    from flicbridge.app import Bridge
+    from flicbridge.store import AckRecord
+
+log = structlog.get_logger(__name__)
+
+PAGERDUTY_PATH = "/pagerduty/webhook"
+SIGNATURE_HEADER = "X-PagerDuty-Signature"
+BY_LIMIT = 200
+
+
+class AckBody(BaseModel):
+    """``POST /api/v1/buttons/{id}/ack``: who is on the way."""
+
+    model_config = ConfigDict(extra="forbid")
+    by: str = Field(min_length=1, max_length=BY_LIMIT)
+
+
+class AckOut(BaseModel):
+    """The acknowledgement as recorded."""
+
+    button: str
+    alert_key: str
+    acknowledged_by: str
+    acknowledged_at: str
+    source: str
+
+
+class PagerDutyEvent(BaseModel):
+    """The fields of a v3 webhook event the bridge reads (all others are kept, unread)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    event_type: str | None = None
+    agent: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+
+
+class PagerDutyDelivery(BaseModel):
+    """A PagerDuty Webhooks v3 delivery: ``{"event": {...}}`` (described, not validated)."""
+
+    model_config = ConfigDict(extra="allow")
+    event: PagerDutyEvent | None = None
+
+
+class PagerDutyResult(BaseModel):
+    """What the bridge did with a PagerDuty webhook delivery."""
+
+    result: Literal["acknowledged", "resolved", "ignored"]
+    button: str | None = None
+    reason: str | None = None
+
+
+def ack_json(ack: AckRecord) -> dict[str, Any]:
+    return {
+        "button": ack.button_id,
+        "alert_key": ack.alert_key,
+        "acknowledged_by": ack.by,
+        "acknowledged_at": ack.at.isoformat(),
+        "source": ack.source,
+    }
+
+
+def signature_valid(secret: bytes, body: bytes, header: str | None) -> bool:
+    """True when any ``v1=`` signature in ``header`` is the HMAC-SHA256 of ``body``."""
+    if not header:
+        return False
+    expected = hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
+    valid = False
+    for part in header.split(","):
+        version, _, given = part.strip().partition("=")
+        if version == "v1" and given:
+            # Compare every candidate (no early exit), each in constant time.
+            valid |= hmac.compare_digest(given.strip().lower().encode(), expected)
+    return valid
+
+
+def _text(value: Any, limit: int = BY_LIMIT) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ignored(reason: str, **ctx: Any) -> web.Response:
+    log.info("pagerduty_webhook_ignored", reason=reason, **ctx)
+    return web.json_response({"result": "ignored", "button": None, "reason": reason})
+
+
+async def pagerduty_webhook(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    secret = bridge.config.pagerduty.webhook_secret
+    if secret is None:
+        raise ApiError(404, "PagerDuty webhooks are off", "set [pagerduty] webhook_secret")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "body too large", f"at most {MAX_BODY} bytes") from None
+    key = secret.get_secret_value().encode()
+    if not signature_valid(key, raw, request.headers.get(SIGNATURE_HEADER)):
+        log.warning("pagerduty_webhook_bad_signature", remote=request.remote)
+        raise ApiError(401, "bad signature", f"{SIGNATURE_HEADER} has no valid v1 signature")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "body is not valid JSON", str(exc)) from None
+    event = body.get("event") if isinstance(body, dict) else None
+    if not isinstance(event, dict):
+        return _ignored("no event object")
+    event_type = event.get("event_type")
+    ctx = {"event_type": _text(event_type, 100) or None, "event_id": _text(event.get("id"), 100)}
+    if event_type not in ("incident.acknowledged", "incident.resolved"):
+        return _ignored("event type not handled", **ctx)
+    data = event.get("data")
+    incident_key = _text(data.get("incident_key"), 1000) if isinstance(data, dict) else ""
+    button = find_button(bridge, incident_key) if incident_key else None
+    if button is None:
+        return _ignored("incident of no known button", incident_key=incident_key or None, **ctx)
+    agent = event.get("agent")
+    by = _text(agent.get("summary")) if isinstance(agent, dict) else ""
+    if event_type == "incident.acknowledged":
+        return web.json_response(_acknowledge(bridge, button.id, by, ctx))
+    result = await run_action(bridge, button, "rearm", origin="pagerduty", actor=by)
+    if result["decision"] != "close":
+        log.info("pagerduty_webhook_ignored", reason="alert not open", button=button.id, **ctx)
+        return web.json_response(
+            {"result": "ignored", "button": button.id, "reason": "the alert is not open here"}
+        )
+    bridge.feedback("resolved", button.id, by)
+    return web.json_response({"result": "resolved", "button": button.id, "reason": None})
+
+
+def _acknowledge(bridge: Bridge, button_id: str, by: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    ack = bridge.acknowledge(button_id, by, source="pagerduty")
+    if ack is None:
+        log.info("pagerduty_webhook_ignored", reason="alert not open", button=button_id, **ctx)
+        return {"result": "ignored", "button": button_id, "reason": "the alert is not open here"}
+    return {"result": "acknowledged", "button": button_id, "reason": None}
+
+
+async def button_ack(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    button_id = request.match_info["id"]
+    if bridge.config.button(button_id) is None:
+        raise ApiError(404, "unknown button", button_id)
+    body = parse(AckBody, await read_json(request))
+    by = body.by.strip()
+    if not by:
+        raise ApiError(400, "invalid body", [{"field": "by", "problem": "blank"}])
+    ack = bridge.acknowledge(button_id, by, source="api")
+    if ack is None:
+        raise ApiError(409, "nothing to acknowledge", f"the alert of {button_id} is not open")
+    return web.json_response(ack_json(ack))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(PAGERDUTY_PATH, pagerduty_webhook)
+    app.router.add_post("/api/v1/buttons/{id}/ack", button_ack)
