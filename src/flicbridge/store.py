@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -97,11 +99,216 @@ CREATE TABLE IF NOT EXISTS callbacks (
     PRIMARY KEY (source, event_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    url TEXT,
+    min_priority TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 
 class StoreError(Exception):
     """The store cannot be used (corrupt, unreadable, wrong file)."""
+
+
+# -- identity and schema versions ------------------------------------------------------
+#
+# A flicbridge store says what it is with two SQLite header fields: ``application_id`` is
+# APPLICATION_ID and ``user_version`` is the number of MIGRATIONS applied to it. Before
+# anything is written, ``inspect_store`` reads both (and the tables) on a read-only
+# connection: a file of another program or of a newer flicbridge is refused and left
+# byte-for-byte as it was. Version 1 is the schema 0.1.0 wrote; 0.1.0 set neither field, so
+# a file with ``application_id`` 0 and ``user_version`` 0 is taken for one only when its
+# tables are 0.1.0's, column for column.
+#
+# To change the schema, append ONE step to MIGRATIONS (never edit or reorder a step that
+# shipped): a function that takes the writer connection and runs its DDL/DML. Step N
+# upgrades version N-1 to N; ``migrate`` runs each missing step and its version bump in
+# one transaction, so a crash leaves the store at the old or the new version, never
+# between. A step must be safe on every store that reached version N-1.
+
+APPLICATION_ID = 0x46426231  # "FBb1": flicbridge's mark in the SQLite header
+
+
+def _step_1_base_schema(conn: sqlite3.Connection) -> None:
+    """The 0.1.0 tables, the subscriptions table among them."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_step_1_base_schema]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The tables and columns a 0.1.0 store may have (subscriptions was created on first use).
+_V010_TABLES: dict[str, tuple[str, ...]] = {
+    "events": (
+        "id", "button_id", "alert_key", "origin", "state", "click", "decision",
+        "received_at", "pressed_at", "delay_s", "queued", "info", "actor",
+    ),
+    "alerts": (
+        "alert_key", "button_id", "is_open", "opened_at", "last_on_sent_at", "last_event",
+        "updated_at",
+    ),
+    "outbox": (
+        "id", "event_id", "sink_id", "alert_key", "payload", "status", "attempts",
+        "created_at", "next_attempt_at", "last_status", "last_error", "done_at",
+    ),
+    "callbacks": ("source", "event_id", "received_at"),
+    "meta": ("key", "value"),
+    "subscriptions": ("id", "channel", "url", "min_priority", "created_at"),
+}  # fmt: skip
+
+
+def inspect_store(path: Path) -> int:
+    """The schema version of the store at ``path`` (0: new or empty); StoreError if foreign.
+
+    Reads only, on a read-only connection: a refused file is never modified.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"{path}: cannot open the store ({exc}); check that the file and its folder are "
+            "readable by this user. The file was left untouched"
+        ) from None
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            r[0]: tuple(c[1] for c in conn.execute(f"PRAGMA table_info('{r[0]}')"))
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{path}: not a usable SQLite store ({exc}); it was left untouched — move it "
+            "aside or restore a backup, then start again"
+        ) from None
+    finally:
+        conn.close()
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(
+            f"{path}: not a flicbridge store (SQLite application_id {app_id:#x}); it belongs "
+            "to another program and was left untouched — set [store] path to another file"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written by a newer flicbridge (store version {version}, this one "
+            f"knows up to {SCHEMA_VERSION}); it was left untouched — run the newer version "
+            "or restore a backup"
+        )
+    if app_id == 0:
+        foreign = [name for name, columns in tables.items() if _V010_TABLES.get(name) != columns]
+        if version != 0 or foreign or (tables and "outbox" not in tables):
+            raise StoreError(
+                f"{path}: not a flicbridge store (tables {sorted(tables)}); it was left "
+                "untouched — set [store] path to another file"
+            )
+    return int(version)
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a store at ``version`` to SCHEMA_VERSION: each step in its own transaction."""
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(conn)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        log.info("store_upgraded", version=number)
+
+
+def open_offline(path: Path) -> sqlite3.Connection:
+    """A connection for the CLI's offline commands: a known store at this version, or
+    StoreError. Reads only unless the caller writes (then it must hold the store lock)."""
+    if not path.exists():
+        raise StoreError(f"{path}: no store yet (the daemon never ran)")
+    version = inspect_store(path)
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path}: store version {version}; start the daemon once to upgrade it")
+    return connect(path)
+
+
+# -- one writer per store -------------------------------------------------------------
+#
+# Every process that writes the store (the daemon, an in-process ``send``, an offline
+# ``queue retry|drop``) holds an exclusive flock on ``<store>.lock`` beside it, with its pid
+# written inside, for as long as it may write. The kernel drops the lock when the process
+# dies (even by kill -9), so a stale lock file never blocks a start.
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+class StoreLock:
+    """The exclusive writer lock of one store; ``release`` (or process exit) frees it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = lock_path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock now, or StoreError naming the process that holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot create the store's lock file ({exc.strerror}); check "
+                "that the store folder exists and is writable by this user"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = lock_holder(self.path.with_suffix(""))
+            raise StoreError(
+                f"{self.path.with_suffix('')}: another flicbridge (pid {holder or '?'}) holds "
+                f"this store ({self.path}); only one process may write a store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the store's writer lock, or None when it is free."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def outbox_rows(conn: sqlite3.Connection, status: str) -> list[OutboxRow]:
+    """Every row of ``status`` in id order (offline listing)."""
+    cur = conn.execute("SELECT * FROM outbox WHERE status = ? ORDER BY id", (status,))
+    return [_row(r) for r in cur]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +438,7 @@ class Store:
         self._read_lock = threading.Lock()
         self._unsettled = 0  # submitted, not yet resolved (touched on the loop only)
         self._stop_retrying = threading.Event()
+        self.lock = StoreLock(path)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -241,15 +449,22 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.path.parent}: cannot create the store folder: {exc}") from None
-        self._conn = await asyncio.to_thread(self._open_sync)
+        self.lock.acquire()
+        try:
+            self._conn = await asyncio.to_thread(self._open_sync)
+        except BaseException:
+            self.lock.release()
+            raise
         self._reader = await asyncio.to_thread(self._open_reader)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
     def _open_sync(self) -> sqlite3.Connection:
+        version = inspect_store(self.path)  # before anything could write to the file
         conn = connect(self.path)
         try:
-            conn.executescript(SCHEMA)
+            if version < SCHEMA_VERSION:
+                migrate(conn, version)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
@@ -274,6 +489,7 @@ class Store:
             self._conn.close()
             self._conn = None
         await asyncio.to_thread(self._close_reader)
+        self.lock.release()
 
     def _close_reader(self) -> None:
         with self._read_lock:  # after any read in progress
