@@ -234,3 +234,132 @@ async def test_read_only_disk_bounds_the_hold_and_never_crashes(
     assert [e["event"] for e in logs][-1] == "stopped"
     with other_connection(config.store.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+
+
+# -- the store's file and folder under the daemon -------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "2m") -> Iterator[Path]:
+    """A real small filesystem mounted at ``where`` (root only); unmounted at the end."""
+    import subprocess
+
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def ready_status(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, Any]:
+    async with http.get(f"{bridge.url}/readyz") as r:
+        return r.status, await r.json()
+
+
+async def test_store_folder_deleted_mid_run_is_not_ready(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The store's folder deleted under a running daemon: /readyz turns 503 naming the file,
+    and a signal is held, never answered as committed."""
+    import shutil
+
+    config = make_config(tmp_path, store={"path": str(tmp_path / "state" / "fb.db")})
+    async with running(config) as bridge:
+        assert (await ready_status(http, bridge))[0] == 200
+        shutil.rmtree(tmp_path / "state")
+        async with asyncio.timeout(15):
+            while (await ready_status(http, bridge))[0] != 503:
+                await asyncio.sleep(0.1)
+        _, body = await ready_status(http, bridge)
+        assert any("fb.db" in r and "gone" in r for r in body["reasons"]), body
+        held = bridge.submit(
+            flicbridge.server.app.Signal(
+                button_id="desk",
+                state=flicbridge.server.app.SignalState.ON,
+                origin="api",
+                received_at=flicbridge.server.app.utcnow(),
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not held.done()  # held, not "accepted" into a file that no longer exists
+        assert bridge.store.waiting >= 1
+
+
+async def test_store_file_replaced_mid_run_is_not_ready(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The store file replaced by another file under the daemon: /readyz turns 503."""
+    config = make_config(tmp_path)
+    async with running(config) as bridge:
+        path = config.store.path
+        other = path.with_name("other.db")
+        other.write_bytes(b"")
+        other.replace(path)
+        async with asyncio.timeout(15):
+            while (await ready_status(http, bridge))[0] != 503:
+                await asyncio.sleep(0.1)
+        _, body = await ready_status(http, bridge)
+        assert any("replaced" in r for r in body["reasons"]), body
+
+
+async def test_read_only_filesystem_at_start_never_ready(tmp_path: Path) -> None:
+    """A store on a filesystem mounted read-only: run exits 1 naming the file, never 200,
+    and the file is left as it was."""
+    import hashlib
+    import subprocess
+
+    from tests.conftest import cli
+    from tests.test_cli import write_config
+
+    with tmpfs(tmp_path / "mnt") as mnt:
+        store = mnt / "state" / "fb.db"
+        config = write_config(tmp_path, "http://127.0.0.1:9")
+        config.write_text(config.read_text().replace('"state/fb.db"', f'"{store}"'))
+        code, _, err = await cli("send", "--config", str(config), "desk", "Off", "--wait", "1")
+        assert code == 0, err  # the store exists now, written by a real (in-process) bridge
+        before = hashlib.sha256(store.read_bytes()).hexdigest()
+        remount = ["mount", "-o", "remount,ro", str(mnt)]
+        await asyncio.to_thread(subprocess.run, remount, check=True)
+        code, _, err = await cli("run", "--config", str(config))
+        assert code == 1, err
+        assert str(store) in err and "Traceback" not in err
+        assert hashlib.sha256(store.read_bytes()).hexdigest() == before
+
+
+async def test_read_only_store_file_at_start_is_not_ready(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A store file nobody may write (chattr +i: root included) in a writable folder: the
+    daemon never says ready while the file cannot commit (it refuses, or answers 503)."""
+    import shutil
+    import subprocess
+
+    from flicbridge.store import Store, StoreError
+
+    config = make_config(tmp_path)
+    first = Store(config.store.path)
+    await first.open()
+    await first.close()
+    flag = [str(config.store.path)]
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available here")
+    made = await asyncio.to_thread(subprocess.run, ["chattr", "+i", *flag])
+    if made.returncode:
+        pytest.skip("chattr +i is not permitted here")
+    refused: list[str] = []
+    try:
+        try:
+            async with running(config) as bridge:
+                status, body = await ready_status(http, bridge)
+                assert status == 503, body
+                assert any("store cannot commit" in r for r in body["reasons"]), body
+        except* StoreError as group:
+            refused.append(str(group.exceptions[0]))
+    finally:
+        await asyncio.to_thread(subprocess.run, ["chattr", "-i", *flag])
+    assert not refused or str(config.store.path) in refused[0]

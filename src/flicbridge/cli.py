@@ -180,6 +180,7 @@ def _queue_offline(config: Config, args: argparse.Namespace) -> int:
         if args.action != "list":
             lock.acquire()
         conn = open_offline(config.store.path)
+        lock.stamp()
     except StoreError as exc:
         lock.release()
         raise CliError(_daemon_unreachable(config, str(exc))) from None

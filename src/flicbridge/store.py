@@ -129,6 +129,7 @@ class StoreError(Exception):
 # one transaction, so a crash leaves the store at the old or the new version, never
 # between. A step must be safe on every store that reached version N-1.
 
+IDLE_CHECK = 2.0  # seconds between the idle writer's checks that the store file is ours
 APPLICATION_ID = 0x46426231  # "FBb1": flicbridge's mark in the SQLite header
 
 
@@ -185,6 +186,12 @@ def inspect_store(path: Path) -> int:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             )
         }
+    except sqlite3.OperationalError as exc:  # the file may be fine: we may not read/write it
+        raise StoreError(
+            f"{path}: cannot open the store ({exc}); check that the file and its folder are "
+            "writable by this user (not read-only) and the disk has free space. The file was "
+            "left untouched"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(
             f"{path}: not a usable SQLite store ({exc}); it was left untouched — move it "
@@ -265,8 +272,9 @@ class StoreLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(
-                f"{self.path}: cannot create the store's lock file ({exc.strerror}); check "
-                "that the store folder exists and is writable by this user"
+                f"{self.path}: cannot write the store's folder to create its lock file "
+                f"({exc.strerror}); check that the folder exists, is writable by this user "
+                "and is not on a read-only disk"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,9 +285,15 @@ class StoreLock:
                 f"{self.path.with_suffix('')}: another flicbridge (pid {holder or '?'}) holds "
                 f"this store ({self.path}); only one process may write a store"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def stamp(self) -> None:
+        """Write our pid into the lock file (once the store opened: a refused start leaves
+        the folder as it was)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -439,6 +453,7 @@ class Store:
         self._unsettled = 0  # submitted, not yet resolved (touched on the loop only)
         self._stop_retrying = threading.Event()
         self.lock = StoreLock(path)
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -449,15 +464,22 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.path.parent}: cannot create the store folder: {exc}") from None
+        await asyncio.to_thread(inspect_store, self.path)  # a refused file: nothing created
         self.lock.acquire()
         try:
             self._conn = await asyncio.to_thread(self._open_sync)
         except BaseException:
             self.lock.release()
             raise
+        self.lock.stamp()
         self._reader = await asyncio.to_thread(self._open_reader)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
+        if not self.healthy:  # opened, but cannot commit (read-only file or disk, full disk)
+            if self._on_health is not None:
+                self._loop.call_soon(self._on_health, False, self.last_error)
+            probe = self.submit(_write_probe)  # held and retried until a commit works
+            probe.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _open_sync(self) -> sqlite3.Connection:
         version = inspect_store(self.path)  # before anything could write to the file
@@ -465,9 +487,17 @@ class Store:
         try:
             if version < SCHEMA_VERSION:
                 migrate(conn, version)
-        except sqlite3.DatabaseError as exc:
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+        except (sqlite3.DatabaseError, OSError) as exc:
             conn.close()
             raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
+        try:
+            _write_probe(conn)  # readiness must not say 200 for a store that cannot commit
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
         return conn
 
     def _open_reader(self) -> sqlite3.Connection:
@@ -503,7 +533,14 @@ class Store:
         assert self._conn is not None
         conn = self._conn
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_CHECK)
+            except queue.Empty:
+                try:  # idle: still notice a store deleted or replaced under us
+                    self._check_identity()
+                except sqlite3.OperationalError as exc:
+                    self._report(False, str(exc))
+                continue
             if first is None:
                 return
             batch = [first]
@@ -528,6 +565,7 @@ class Store:
         while True:
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             try:
+                self._check_identity()
                 conn.execute("BEGIN IMMEDIATE")
                 for op, future in batch:
                     conn.execute("SAVEPOINT op")
@@ -559,6 +597,22 @@ class Store:
             for future, value, error in results:
                 self._resolve(future, value, error)
             return
+
+    def _check_identity(self) -> None:
+        """OperationalError when the path no longer names the file we have open: whatever
+        we commit would be lost with the open file (held instead; restart to recover)."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise sqlite3.OperationalError(
+                f"the store file {self.path} is gone ({exc.strerror})"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise sqlite3.OperationalError(
+                f"the store file {self.path} was replaced under the daemon; restart it"
+            )
 
     def _report(self, healthy: bool, error: str) -> None:
         changed = healthy != self.healthy
@@ -754,8 +808,9 @@ class Store:
         return await self.run(op)
 
     async def alerts(self) -> dict[str, AlertState]:
-        """Alert state as last committed, by alert key."""
-        return await self.run(load_alerts)
+        """Alert state as last committed, by alert key (the reader: at start the writer may
+        be holding a probe of a store that cannot commit)."""
+        return await self.read(load_alerts)
 
     async def lanes(self) -> list[tuple[str, str, int, float]]:
         """(sink id, alert key, pending rows, oldest created_at) of every lane with work."""
@@ -822,6 +877,17 @@ class Store:
             return [dict(r) for r in cur]
 
         return await self.read(op)
+
+
+def _write_probe(conn: sqlite3.Connection) -> None:
+    """A tiny real commit: proves the store can be written (at open, and while held)."""
+    stamp = str(time.time())
+    if conn.in_transaction:  # inside the writer's batch
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_at', ?)", (stamp,))
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_at', ?)", (stamp,))
+    conn.execute("COMMIT")
 
 
 def _save_alert(conn: sqlite3.Connection, alert: AlertState, event_id: int) -> None:
