@@ -172,6 +172,9 @@ async def test_read_only_disk_bounds_the_hold_and_never_crashes(
     LOST with its details and an HTTP signal gets 503 at once; the daemon keeps answering
     and stops cleanly, naming each held signal it could not write."""
     config = trouble_config(tmp_path, sim, receiver)
+    # No spill file can be written either (a press is then truly lost, and says so).
+    nowhere = config.store.model_copy(update={"spill": Path("/dev/null/held.jsonl")})
+    config = config.model_copy(update={"store": nowhere})
     with capture_logs() as logs:
         async with (
             asyncio.timeout(60),
@@ -363,3 +366,45 @@ async def test_read_only_store_file_at_start_is_not_ready(
     finally:
         await asyncio.to_thread(subprocess.run, ["chattr", "-i", *flag])
     assert not refused or str(config.store.path) in refused[0]
+
+
+async def test_held_presses_survive_a_restart(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
+    """Disk full, then the daemon stops: the held flicd presses are in the spill file (not
+    lost, nothing logged press_lost), and the next start commits them in order, with their
+    real press times, and delivers them."""
+    spill = tmp_path / "run" / "held.jsonl"  # as on another filesystem ([store] spill)
+    config = trouble_config(tmp_path, sim, receiver)
+    config = config.model_copy(update={"store": config.store.model_copy(update={"spill": spill})})
+    with capture_logs() as logs:
+        async with asyncio.timeout(60):
+            async with running(config) as bridge:
+                await connected(bridge)
+                with other_connection(config.store.path) as other:
+                    other.execute("CREATE TABLE ballast (b BLOB)")
+                    other.execute("INSERT INTO ballast VALUES (zeroblob(1048576))")
+                    assert await bridge.store.run(pin_size) == 0
+                    sim.press(A, "single")
+                    await wait_until(lambda: not bridge.health.store_ok)
+                    sim.press(A, "hold")
+                    await wait_until(lambda: bridge.store.waiting >= 2)
+                    await wait_until(lambda: len(bridge.spill.pending()) == 2)
+            assert bridge.lost == 0
+            assert not [e for e in logs if e["event"] == "press_lost"]
+            held = bridge.spill.pending()
+            assert [s.press.click.value for _, s in held if s.press] == ["single_click", "hold"]
+            assert receiver.requests == []
+
+            async with running(config) as again:
+                got = await receiver.wait_for(1, timeout=15)
+                await wait_until(lambda: not spill.exists())
+                events = await again.store.recent_events()
+            assert got[0].body["flic_state"] == "On"
+            assert [(e["click"], e["decision"]) for e in reversed(events)] == [
+                ("single_click", "open"),
+                ("hold", "appended"),
+            ]
+            pressed = [s.press.pressed_at.isoformat() for _, s in held if s.press]
+            assert [e["pressed_at"] for e in reversed(events)] == pressed
+    assert any(e["event"] == "held_presses_replayed" and e["count"] == 2 for e in logs)

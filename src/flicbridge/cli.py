@@ -56,6 +56,9 @@ async def _run(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.stop)
     await bridge.run()
+    if bridge.lost:  # presses neither committed nor kept in the spill file: say so
+        print(f"flicbridge: {bridge.lost} press(es) were LOST (see press_lost)", file=sys.stderr)
+        return EXIT_RUNTIME
     return EXIT_OK
 
 

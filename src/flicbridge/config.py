@@ -93,6 +93,9 @@ class FlicdConfig(_Section):
 class StoreConfig(_Section):
     path: Path = Path("/var/lib/flicbridge/flicbridge.db")
     history: int = Field(10_000, ge=0)  # delivered rows kept for the status API
+    # Held presses while the store cannot commit (default: $RUNTIME_DIRECTORY, else beside
+    # the store): best on another filesystem than the store.
+    spill: Path | None = None
 
 
 class ServerConfig(_Section):

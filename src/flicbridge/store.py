@@ -18,7 +18,15 @@ Invariants:
   operations (default 1000) wait in memory. Past that, ``commit_event`` raises StoreError
   at once (HTTP callers get 503, a flicd press is logged as lost); operations already held
   stay held and commit, in order, when the disk recovers. A held press loses nothing by
-  waiting longer, so there is no time bound; closing the store fails what is still held.
+  waiting longer, so there is no time bound; closing the store fails what is still held,
+  and every operation queued after it (so nothing commits out of order; the bridge keeps
+  held presses in its spill file, see spill.py, and replays them at the next start).
+- A file is a store only when ``inspect_store`` says so (application_id + user_version, see
+  MIGRATIONS); a foreign or newer file is refused before anything writes to it.
+- One process writes a store: ``open`` takes the flock of ``<store>.lock`` (StoreLock).
+- A store that cannot commit at open (read-only file) opens unhealthy: a write probe is held
+  and retried like any commit. The writer notices the file deleted or replaced under it
+  (its inode changed) and holds commits instead of writing into an unlinked file.
 - Status reads (``rows``, ``counts``, ``recent_events``) use a separate read-only
   connection in a worker thread: they see committed data only and never wait behind a
   failing commit, so the status API keeps answering while the disk is in trouble.
@@ -454,6 +462,7 @@ class Store:
         self._stop_retrying = threading.Event()
         self.lock = StoreLock(path)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._abandoned = False  # closing gave a failing batch up (keeps commit order)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -554,7 +563,11 @@ class Store:
                     stop = True
                     break
                 batch.append(item)
-            self._run_batch(conn, batch)
+            if self._abandoned:  # an earlier operation failed at close: none after it commits
+                for _, future in batch:
+                    self._resolve(future, None, StoreError("store unavailable at close"))
+            else:
+                self._run_batch(conn, batch)
             if stop:
                 return
 
@@ -586,6 +599,7 @@ class Store:
                         conn.execute("ROLLBACK")
                 self._report(False, f"{type(exc).__name__}: {exc}")
                 if self._stop_retrying.wait(delay):
+                    self._abandoned = True
                     for _, future in batch:
                         self._resolve(future, None, StoreError(f"store unavailable: {exc}"))
                     return
