@@ -408,3 +408,50 @@ async def test_held_presses_survive_a_restart(
             pressed = [s.press.pressed_at.isoformat() for _, s in held if s.press]
             assert [e["pressed_at"] for e in reversed(events)] == pressed
     assert any(e["event"] == "held_presses_replayed" and e["count"] == 2 for e in logs)
+
+
+async def test_status_answers_while_the_disk_is_frozen(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The store's filesystem frozen (fsfreeze) while a signal's commit is in flight: the
+    writer is stuck, yet /api/v1/status keeps answering (from memory where it must); after
+    the thaw the signal commits."""
+    import shutil
+    import subprocess
+
+    if not all(shutil.which(t) for t in ("fsfreeze", "mkfs.ext4")):
+        pytest.skip("fsfreeze or mkfs.ext4 is not installed")
+    image, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    mnt.mkdir()
+    image.write_bytes(b"\0" * (16 << 20))
+    await asyncio.to_thread(subprocess.run, ["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mounted = await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", "loop", str(image), str(mnt)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.decode().strip()}")
+    frozen = False
+    try:
+        config = make_config(tmp_path, store={"path": str(mnt / "fb.db")})
+        async with running(config) as bridge:
+            await asyncio.to_thread(subprocess.run, ["fsfreeze", "-f", str(mnt)], check=True)
+            frozen = True
+            url = f"{bridge.url}/api/v1/buttons/desk/signal"
+            held = asyncio.ensure_future(http.post(url, json={"state": "On"}, headers=auth()))
+            await asyncio.sleep(0.3)
+            async with asyncio.timeout(5):  # the freeze lasts until we thaw it below
+                for _ in range(3):
+                    async with http.get(f"{bridge.url}/api/v1/status", headers=auth()) as r:
+                        assert r.status == 200
+                        assert (await r.json())["version"]
+            assert not held.done()  # the commit is still stuck on the frozen disk
+            await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(mnt)], check=True)
+            frozen = False
+            async with asyncio.timeout(15):
+                response = await held
+            assert response.status == 202
+            response.release()
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)  # noqa: ASYNC221
+        subprocess.run(["umount", "-l", str(mnt)], check=False)  # noqa: ASYNC221

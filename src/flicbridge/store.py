@@ -463,6 +463,8 @@ class Store:
         self.lock = StoreLock(path)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
         self._abandoned = False  # closing gave a failing batch up (keeps commit order)
+        self._counts_task: asyncio.Future[dict[str, dict[str, int]]] | None = None
+        self._counts_cache: dict[str, dict[str, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -884,6 +886,23 @@ class Store:
             return out
 
         return await self.read(op)
+
+    async def counts_within(self, seconds: float) -> dict[str, dict[str, int]]:
+        """``counts``, or the last counts read when the disk does not answer in ``seconds``
+        (a frozen or stalled disk blocks the reader too: the status API answers anyway).
+        At most one read is in flight, so a stall does not pile up threads."""
+        task = self._counts_task
+        if task is None or task.done():
+            task = self._counts_task = asyncio.ensure_future(self.counts())
+        try:
+            self._counts_cache = await asyncio.wait_for(asyncio.shield(task), seconds)
+        except TimeoutError:
+            log.warning("status_from_memory", waited_s=seconds)
+        except StoreError:
+            pass
+        except sqlite3.Error as exc:
+            log.warning("status_counts_failed", error=str(exc))
+        return self._counts_cache
 
     async def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
