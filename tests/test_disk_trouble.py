@@ -455,3 +455,36 @@ async def test_status_answers_while_the_disk_is_frozen(
         if frozen:
             subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)  # noqa: ASYNC221
         subprocess.run(["umount", "-l", str(mnt)], check=False)  # noqa: ASYNC221
+
+
+async def test_presses_refused_past_the_hold_commit_when_the_store_recovers(
+    tmp_path: Path, sim: Simulator, receiver: Receiver
+) -> None:
+    """Past max_held a flicd press is spilled, not lost; when the disk recovers in the same
+    run, the held press and then the spilled ones commit, in order, and the file is gone."""
+    config = trouble_config(tmp_path, sim, receiver)
+    with capture_logs() as logs:
+        async with asyncio.timeout(60), running(config) as bridge:
+            await connected(bridge)
+            bridge.store.max_held = 1
+            with other_connection(config.store.path) as other:
+                other.execute("CREATE TABLE ballast (b BLOB)")
+                other.execute("INSERT INTO ballast VALUES (zeroblob(1048576))")
+                assert await bridge.store.run(pin_size) == 0
+                sim.press(A, "single")  # open: held in memory
+                await wait_until(lambda: not bridge.health.store_ok)
+                sim.press(A, "double")  # refused past max_held: spilled
+                sim.press(A, "single")  # refused past max_held: spilled
+                await wait_until(lambda: len(bridge.spill.pending()) >= 3)
+                bridge.store.max_held = 1000
+                other.execute("DROP TABLE ballast")  # an operator frees space
+            await wait_until(lambda: bridge.health.store_ok, timeout=20)
+            await wait_until(lambda: not bridge.spill.path.exists(), timeout=20)
+            events = await bridge.store.recent_events()
+            await receiver.wait_for(3, timeout=15)
+    assert [(e["click"], e["decision"]) for e in reversed(events)] == [
+        ("single_click", "open"),
+        ("double_click", "close"),
+        ("single_click", "open"),
+    ]
+    assert not [e for e in logs if e["event"] == "press_lost"]

@@ -146,6 +146,7 @@ class Bridge:
         self._spilled: set[str] = set()
         self._reuse_id: str | None = None
         self.lost = 0  # presses neither committed nor spilled: the exit status says so
+        self._replay: asyncio.Task[None] | None = None  # a replay started on store recovery
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -196,6 +197,8 @@ class Bridge:
             pass
         finally:
             self.accepting = False
+            if self._replay is not None:
+                self._replay.cancel()  # what it has not committed stays in the spill file
             if runner is not None:
                 await runner.cleanup()
             await self.store.close()
@@ -629,6 +632,9 @@ class Bridge:
         if not ok:  # presses already waiting on the failing store: keep them durably too
             for held_id, signal in list(self._held.items()):
                 self._keep(held_id, signal)
+        if ok and self.accepting and (self._replay is None or self._replay.done()):
+            # Presses spilled without a place in memory (refused past max_held) commit now.
+            self._replay = asyncio.get_running_loop().create_task(self._replay_held())
         if ok:
             log.info("store_recovered")
         else:
