@@ -3,8 +3,8 @@
 While the store cannot commit (disk full, read-only, frozen, the file deleted), a press
 is held in memory. So that a restart does not lose it, every held press is also appended
 here, each line fsync'd: ``{"id": ..., "press": {...}}`` when it is held, ``{"done": id}``
-once the store committed it. At start the bridge replays, in order, every press without
-its ``done`` line, then empties the file. The file should live on another filesystem than
+once the store committed it. At start, and when the store recovers, the bridge replays,
+in order, every press without its ``done`` line, then removes the file. The file should live on another filesystem than
 the store (the default is ``$RUNTIME_DIRECTORY``, a tmpfs under systemd), so that a full
 or read-only store disk does not stop it too. A press that can be neither committed nor
 written here is logged ``press_lost`` with its content.
