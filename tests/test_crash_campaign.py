@@ -400,3 +400,112 @@ async def test_kill_9_campaign(tmp_path: Path) -> None:
 async def test_kill_9_campaign_long(tmp_path: Path) -> None:
     """The same campaign over 200 kill -9 cycles."""
     assert_clean(await campaign(tmp_path, 200))
+
+
+# -- disk-full phase -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_while_the_disk_is_full_loses_no_press(tmp_path: Path) -> None:
+    """The store on a small real filesystem that fills up; flicd presses arrive and are held;
+    the daemon is killed with SIGKILL; space is freed and the daemon restarted: every held
+    press is committed (from the spill file, in order) and delivered."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import Receiver as TestReceiver
+    from tests.conftest import free_port
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]
+    mounted = await asyncio.to_thread(subprocess.run, mount, capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    received = TestReceiver()
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/{tail:.*}", received.handle)
+    runner = aiohttp.web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    received.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    sim = Simulator(host="127.0.0.1", port=0, buttons={FLICD["f1"]: "F1"})
+    await sim.start()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[store]\npath = "{mnt / "fb.db"}"\nspill = "{tmp_path / "held.jsonl"}"\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ntoken = "{TOKEN}"\n'
+        f"[flicd]\nport = {sim.port}\nreconnect_max = 0.5\nping_interval = 1\n"
+        "[delivery]\ntimeout = 2\nbackoff_initial = 0.05\nbackoff_max = 0.2\n"
+        f'[[buttons]]\nid = "f1"\naddress = "{FLICD["f1"]}"\n'
+        'on = ["single_click", "hold"]\noff = ["double_click"]\n'
+        f'[[sinks]]\nid = "s1"\ntype = "webhook"\nurl = "{received.url}/hook"\n'
+    )
+    lines: list[dict[str, Any]] = []
+
+    async def start() -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flicbridge", "run", "--config", str(cfg),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+        async def read() -> None:
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(raw))
+
+        return proc, asyncio.create_task(read())
+
+    async def seen(event: str, count: int) -> None:
+        async with asyncio.timeout(30):
+            while sum(1 for e in lines if e.get("event") == event) < count:
+                await asyncio.sleep(0.05)
+
+    ballast = mnt / "ballast"
+    try:
+        proc, reader = await start()
+        await seen("button_link", 1)
+        # Fill the filesystem: the store cannot grow its WAL any more.
+        with contextlib.suppress(OSError), ballast.open("wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        clicks = ["single", "double", "single", "hold", "double"]
+        for click in clicks:
+            sim.press(FLICD["f1"], click)
+            await asyncio.sleep(0.05)
+        await seen("press_spilled", len(clicks))
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await reader
+        assert not [e for e in lines if e.get("event") == "press_lost"]
+        ballast.unlink()  # space is back
+        proc, reader = await start()
+        await seen("held_presses_replayed", 1)
+        async with asyncio.timeout(30):
+            while len(received.requests) < 4 or (tmp_path / "held.jsonl").exists():
+                await asyncio.sleep(0.05)
+        proc.terminate()
+        await proc.wait()
+        await reader
+        assert proc.returncode == 0
+        conn = sqlite3.connect(mnt / "fb.db")
+        events = conn.execute("SELECT click, decision FROM events ORDER BY id").fetchall()
+        conn.close()
+        assert events == [
+            ("single_click", "open"),
+            ("double_click", "close"),
+            ("single_click", "open"),
+            ("hold", "appended"),
+            ("double_click", "close"),
+        ]
+        states = [r.body["state"] for r in received.requests]
+        assert states == ["On", "Off", "On", "Off"]
+    finally:
+        await sim.stop()
+        await runner.cleanup()
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mnt)], check=False)

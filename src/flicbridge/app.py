@@ -34,6 +34,7 @@ from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
+from flicbridge.spill import Spill, default_path
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
 
@@ -157,6 +158,16 @@ class Bridge:
             change=self._health_change,
             clock=clock,
         )
+        # Presses held while the store cannot commit, also kept in a file (spill.py).
+        spill = config.store.spill
+        if spill is not None and not spill.is_absolute():
+            spill = config.store.path.parent / spill
+        self.spill = Spill(spill or default_path(config.store.path))
+        self._held: dict[str, Signal] = {}  # spill id → press signal not yet committed
+        self._spilled: set[str] = set()
+        self._reuse_id: str | None = None
+        self.lost = 0  # presses neither committed nor spilled: the exit status says so
+        self._replay: asyncio.Task[None] | None = None  # a replay started on store recovery
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -186,6 +197,7 @@ class Bridge:
             self.accepting = True
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.dispatcher.run(), name="dispatcher")
+                tg.create_task(self._replay_held(), name="replay-held")
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
@@ -214,6 +226,8 @@ class Bridge:
             self.accepting = False
             for feedback in list(self._feedback):
                 feedback.cancel()
+            if self._replay is not None:
+                self._replay.cancel()  # what it has not committed stays in the spill file
             if runner is not None:
                 await runner.cleanup()
             await self.store.close()
@@ -312,6 +326,9 @@ class Bridge:
         except NotAccepting:
             log.warning("press_refused_shutting_down", **ctx)
         except StoreError as exc:  # the store is failing and holds all it may (store.py)
+            if self._keep(secrets.token_hex(8), press_signal(button.id, signal_state, press)):
+                return
+            self.lost += 1
             log.error(
                 "press_lost",
                 **ctx,
@@ -436,6 +453,7 @@ class Bridge:
         started = time.perf_counter()
         committed = self.store.commit_event(event, after, messages, callback=callback)
         self.states[after.alert_key] = after  # after commit_event: a refusal moves nothing
+        held_id = self._hold(signal)
         result: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self._pending.add(result)
         result.add_done_callback(self._pending.discard)
@@ -461,9 +479,11 @@ class Bridge:
                     click=event.click or None,
                     pressed_at=event.pressed_at.isoformat(),
                 )
+                self._release(held_id, committed=False)
                 if not result.done():
                     result.set_exception(error or RuntimeError("commit cancelled"))
                 return
+            self._release(held_id, committed=True)
             c = done.result()
             if c.duplicate:
                 # Nothing was written: undo the in-memory move, unless a later signal for
@@ -719,11 +739,77 @@ class Bridge:
             button=row.message.button_id,
         )
 
+    # -- held presses (spill.py) -----------------------------------------------------
+
+    def _hold(self, signal: Signal) -> str | None:
+        """Track a press until its commit; spill it at once if the store is failing."""
+        if signal.press is None:
+            return None  # API, ingest and callback callers are told and retry themselves
+        held_id, self._reuse_id = self._reuse_id or secrets.token_hex(8), None
+        self._held[held_id] = signal
+        if not self.store.healthy:
+            self._keep(held_id, signal)
+        return held_id
+
+    def _keep(self, held_id: str, signal: Signal) -> bool:
+        """Write a held press to the spill file; False (logged) when that fails too."""
+        if held_id in self._spilled:
+            return True
+        try:
+            self.spill.hold(held_id, signal)
+        except OSError as exc:
+            log.error("spill_failed", path=str(self.spill.path), error=str(exc))
+            return False
+        self._spilled.add(held_id)
+        log.warning("press_spilled", button=signal.button_id, path=str(self.spill.path))
+        return True
+
+    def _release(self, held_id: str | None, *, committed: bool) -> None:
+        if held_id is None:
+            return
+        signal = self._held.pop(held_id, None)
+        if held_id not in self._spilled:
+            if not committed and signal is not None and not self._keep(held_id, signal):
+                self.lost += 1
+                log.error("press_lost", **spill_json(signal))
+            return
+        if committed:
+            self._spilled.discard(held_id)
+            try:
+                self.spill.done(held_id)
+            except OSError as exc:  # replayed again at next start: a repeat On is appended
+                log.warning("spill_done_failed", path=str(self.spill.path), error=str(exc))
+
+    async def _replay_held(self) -> None:
+        """Commit, in order, the presses a previous run (or a refusal) left in the spill."""
+        held = [(i, s) for i, s in self.spill.pending() if i not in self._held]
+        if not held:
+            return
+        log.warning("held_presses_replayed", count=len(held), path=str(self.spill.path))
+        waits = []
+        for held_id, signal in held:
+            self._reuse_id = held_id
+            self._spilled.add(held_id)
+            try:
+                waits.append(self.submit(signal))
+            except (StoreError, UnknownButton, NotAccepting) as exc:
+                self._reuse_id = None
+                log.error("held_press_not_replayed", error=str(exc), **spill_json(signal))
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        if not any(isinstance(r, BaseException) for r in results) and not self._spilled:
+            self.spill.clear()
+
     # -- store health ----------------------------------------------------------------
 
     def _store_health(self, ok: bool, error: str) -> None:
         self.health.store_ok, self.health.store_error = ok, error
         self.metrics.store_healthy.set(1 if ok else 0)
+        if not ok:  # presses already waiting on the failing store: keep them durably too
+            for held_id, signal in list(self._held.items()):
+                self._keep(held_id, signal)
+        if ok and self.accepting and (self._replay is None or self._replay.done()):
+            # Presses spilled without a place in memory (refused past max_held) commit now.
+            self._replay = asyncio.get_running_loop().create_task(self._replay_held())
         if ok:
             log.info("store_recovered")
         else:
@@ -763,6 +849,19 @@ class Bridge:
         if entry is not None:
             entry.in_use = False
             entry.spent = entry.spent or committed
+
+
+def press_signal(button_id: str, state: SignalState, press: Press) -> Signal:
+    """The signal a press makes (as ``Bridge.press`` submits it)."""
+    origin = press.source if press.source == "ingest" else "press"
+    return Signal(button_id, state, origin, press.received_at, press=press, info=press.info)
+
+
+def spill_json(signal: Signal) -> dict[str, Any]:
+    """A held press's content, for the ``press_lost`` log line."""
+    from flicbridge.spill import to_json
+
+    return to_json(signal)
 
 
 class TokenSpent(Exception):

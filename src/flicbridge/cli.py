@@ -61,6 +61,9 @@ async def _run(config: Config) -> int:
     # start, and swapping them under pending deliveries is not safe. Log it and go on.
     loop.add_signal_handler(signal.SIGHUP, _sighup_ignored)
     await bridge.run()
+    if bridge.lost:  # presses neither committed nor kept in the spill file: say so
+        print(f"flicbridge: {bridge.lost} press(es) were LOST (see press_lost)", file=sys.stderr)
+        return EXIT_RUNTIME
     return EXIT_OK
 
 
@@ -181,28 +184,30 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def _queue_offline(config: Config, args: argparse.Namespace) -> int:
-    """Queue commands straight on the store file (no daemon running)."""
+    """Queue commands straight on the store file. Listing reads only; retry and drop take
+    the store's writer lock, so they refuse while a daemon runs on the file."""
     from flicbridge.server.app import row_json
-    from flicbridge.store import StoreError, _row, connect, drop_row, requeue_dead
+    from flicbridge.store import StoreError, StoreLock, drop_row, open_offline, outbox_rows
+    from flicbridge.store import requeue_dead as requeue_rows
 
-    if not config.store.path.exists():
-        raise CliError(f"{config.store.path}: no store yet (the daemon never ran)")
+    lock = StoreLock(config.store.path)
     try:
-        conn = connect(config.store.path)
+        if args.action != "list":
+            lock.acquire()
+        conn = open_offline(config.store.path)
+        lock.stamp()
     except StoreError as exc:
-        raise CliError(str(exc)) from None
+        lock.release()
+        raise CliError(_daemon_unreachable(config, str(exc))) from None
     try:
         if args.action == "list":
             for status in ("pending", "dead"):
-                rows = conn.execute(
-                    "SELECT * FROM outbox WHERE status = ? ORDER BY id", (status,)
-                ).fetchall()
                 print(f"{status}:")
-                _print_rows([row_json(_row(r)) for r in rows])
+                _print_rows([row_json(r) for r in outbox_rows(conn, status)])
             return EXIT_OK
         conn.execute("BEGIN IMMEDIATE")
         if args.action == "retry":
-            done = requeue_dead(conn, None if args.all_dead else args.id)
+            done = requeue_rows(conn, None if args.all_dead else args.id)
             conn.execute("COMMIT")
             if not done:
                 raise CliError("no dead row to re-queue")
@@ -218,6 +223,25 @@ def _queue_offline(config: Config, args: argparse.Namespace) -> int:
         raise CliError(f"{config.store.path}: {exc}") from None
     finally:
         conn.close()
+        lock.release()
+
+
+def _daemon_unreachable(config: Config, message: str) -> str:
+    """``message``, plus why nothing was done when a daemon holds the store."""
+    from flicbridge.store import lock_holder
+
+    holder = lock_holder(config.store.path)
+    if holder is None:
+        return message
+    how = (
+        f"its API at {_api_base(config)} did not answer"
+        if config.server.token is not None
+        else "[server] token is not set, so its API is closed"
+    )
+    return (
+        f"a running flicbridge (pid {holder or '?'}) holds {config.store.path} and {how}; "
+        "nothing was changed. Retry when the daemon answers, or stop it first"
+    )
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -258,6 +282,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 async def _send(config: Config, button_id: str, state: str, wait: float) -> int:
     """Through the daemon when one answers, else through an in-process bridge."""
+    from flicbridge.store import lock_holder
+
     if config.button(button_id) is None:
         raise CliError(f"no button {button_id!r} in the configuration", EXIT_USAGE)
     if config.server.token is not None:
@@ -272,6 +298,8 @@ async def _send(config: Config, button_id: str, state: str, wait: float) -> int:
                 raise CliError(f"the daemon answered {code}: {data}")
             print(f"daemon: event {data['event']} → {data['decision']}, {data['rows']} row(s)")
             return await _follow_daemon(config, data["event"], wait)
+    if lock_holder(config.store.path) is not None:  # never a second writer on the store
+        raise CliError(_daemon_unreachable(config, ""))
     return await _send_in_process(config, button_id, state, wait)
 
 
@@ -356,7 +384,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     state = args.state.capitalize()
     if state not in ("On", "Off"):
         raise CliError("state must be On or Off", EXIT_USAGE)
-    return asyncio.run(_send(config, args.button, state, args.wait))
+    from flicbridge.store import StoreError
+
+    try:
+        return asyncio.run(_send(config, args.button, state, args.wait))
+    except* StoreError as group:
+        raise CliError(str(group.exceptions[0])) from None
 
 
 # -- simulate, scan, demo --------------------------------------------------------------

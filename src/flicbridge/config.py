@@ -124,6 +124,9 @@ class StoreConfig(_Section):
         "/var/lib/flicbridge/flicbridge.db"
     )
     history: int = Field(10_000, ge=0)  # delivered rows kept for the status API
+    # Held presses while the store cannot commit (default: $RUNTIME_DIRECTORY, else beside
+    # the store): best on another filesystem than the store.
+    spill: Path | None = None
 
 
 class ServerConfig(_Section):

@@ -18,7 +18,15 @@ Invariants:
   operations (default 1000) wait in memory. Past that, ``commit_event`` raises StoreError
   at once (HTTP callers get 503, a flicd press is logged as lost); operations already held
   stay held and commit, in order, when the disk recovers. A held press loses nothing by
-  waiting longer, so there is no time bound; closing the store fails what is still held.
+  waiting longer, so there is no time bound; closing the store fails what is still held,
+  and every operation queued after it (so nothing commits out of order; the bridge keeps
+  held presses in its spill file, see spill.py, and replays them at the next start).
+- A file is a store only when ``inspect_store`` says so (application_id + user_version, see
+  MIGRATIONS); a foreign or newer file is refused before anything writes to it.
+- One process writes a store: ``open`` takes the flock of ``<store>.lock`` (StoreLock).
+- A store that cannot commit at open (read-only file) opens unhealthy: a write probe is held
+  and retried like any commit. The writer notices the file deleted or replaced under it
+  (its inode changed) and holds commits instead of writing into an unlinked file.
 - Status reads (``rows``, ``counts``, ``recent_events``) use a separate read-only
   connection in a worker thread: they see committed data only and never wait behind a
   failing commit, so the status API keeps answering while the disk is in trouble.
@@ -28,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -97,6 +107,13 @@ CREATE TABLE IF NOT EXISTS callbacks (
     PRIMARY KEY (source, event_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    url TEXT,
+    min_priority TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 # Acknowledgements of open alerts: one row per alert key, removed by the next open.
@@ -124,6 +141,226 @@ class AckRecord:
 
 class StoreError(Exception):
     """The store cannot be used (corrupt, unreadable, wrong file)."""
+
+
+# -- identity and schema versions ------------------------------------------------------
+#
+# A flicbridge store says what it is with two SQLite header fields: ``application_id`` is
+# APPLICATION_ID and ``user_version`` is the number of MIGRATIONS applied to it. Before
+# anything is written, ``inspect_store`` reads both (and the tables) on a read-only
+# connection: a file of another program or of a newer flicbridge is refused and left
+# byte-for-byte as it was. Version 1 is the schema 0.1.0 wrote; 0.1.0 set neither field, so
+# a file with ``application_id`` 0 and ``user_version`` 0 is taken for one only when its
+# tables are 0.1.0's, column for column.
+#
+# To change the schema, append ONE step to MIGRATIONS (never edit or reorder a step that
+# shipped): a function that takes the writer connection and runs its DDL/DML. Step N
+# upgrades version N-1 to N; ``migrate`` runs each missing step and its version bump in
+# one transaction, so a crash leaves the store at the old or the new version, never
+# between. A step must be safe on every store that reached version N-1.
+
+IDLE_CHECK = 2.0  # seconds between the idle writer's checks that the store file is ours
+APPLICATION_ID = 0x46426231  # "FBb1": flicbridge's mark in the SQLite header
+
+
+def _step_1_base_schema(conn: sqlite3.Connection) -> None:
+    """The 0.1.0 tables, the subscriptions table among them."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _step_2_acknowledgements(conn: sqlite3.Connection) -> None:
+    """Who acknowledged an open alert (PagerDuty webhook, the local API, ...)."""
+    conn.execute(ACKS_DDL)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _step_1_base_schema,
+    _step_2_acknowledgements,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The tables and columns a 0.1.0 store may have (subscriptions was created on first use).
+_V010_TABLES: dict[str, tuple[str, ...]] = {
+    "events": (
+        "id", "button_id", "alert_key", "origin", "state", "click", "decision",
+        "received_at", "pressed_at", "delay_s", "queued", "info", "actor",
+    ),
+    "alerts": (
+        "alert_key", "button_id", "is_open", "opened_at", "last_on_sent_at", "last_event",
+        "updated_at",
+    ),
+    "outbox": (
+        "id", "event_id", "sink_id", "alert_key", "payload", "status", "attempts",
+        "created_at", "next_attempt_at", "last_status", "last_error", "done_at",
+    ),
+    "callbacks": ("source", "event_id", "received_at"),
+    "meta": ("key", "value"),
+    "subscriptions": ("id", "channel", "url", "min_priority", "created_at"),
+}  # fmt: skip
+
+
+def inspect_store(path: Path) -> int:
+    """The schema version of the store at ``path`` (0: new or empty); StoreError if foreign.
+
+    Reads only, on a read-only connection: a refused file is never modified.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"{path}: cannot open the store ({exc}); check that the file and its folder are "
+            "readable by this user. The file was left untouched"
+        ) from None
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            r[0]: tuple(c[1] for c in conn.execute(f"PRAGMA table_info('{r[0]}')"))
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+    except sqlite3.OperationalError as exc:  # the file may be fine: we may not read/write it
+        raise StoreError(
+            f"{path}: cannot open the store ({exc}); check that the file and its folder are "
+            "writable by this user (not read-only) and the disk has free space. The file was "
+            "left untouched"
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{path}: not a usable SQLite store ({exc}); it was left untouched — move it "
+            "aside or restore a backup, then start again"
+        ) from None
+    finally:
+        conn.close()
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(
+            f"{path}: not a flicbridge store (SQLite application_id {app_id:#x}); it belongs "
+            "to another program and was left untouched — set [store] path to another file"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written by a newer flicbridge (store version {version}, this one "
+            f"knows up to {SCHEMA_VERSION}); it was left untouched — run the newer version "
+            "or restore a backup"
+        )
+    if app_id == 0:
+        foreign = [name for name, columns in tables.items() if _V010_TABLES.get(name) != columns]
+        if version != 0 or foreign or (tables and "outbox" not in tables):
+            raise StoreError(
+                f"{path}: not a flicbridge store (tables {sorted(tables)}); it was left "
+                "untouched — set [store] path to another file"
+            )
+    return int(version)
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a store at ``version`` to SCHEMA_VERSION: each step in its own transaction."""
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(conn)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        log.info("store_upgraded", version=number)
+
+
+def open_offline(path: Path) -> sqlite3.Connection:
+    """A connection for the CLI's offline commands: a known store at this version, or
+    StoreError. Reads only unless the caller writes (then it must hold the store lock)."""
+    if not path.exists():
+        raise StoreError(f"{path}: no store yet (the daemon never ran)")
+    version = inspect_store(path)
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path}: store version {version}; start the daemon once to upgrade it")
+    return connect(path)
+
+
+# -- one writer per store -------------------------------------------------------------
+#
+# Every process that writes the store (the daemon, an in-process ``send``, an offline
+# ``queue retry|drop``) holds an exclusive flock on ``<store>.lock`` beside it, with its pid
+# written inside, for as long as it may write. The kernel drops the lock when the process
+# dies (even by kill -9), so a stale lock file never blocks a start.
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+class StoreLock:
+    """The exclusive writer lock of one store; ``release`` (or process exit) frees it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = lock_path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock now, or StoreError naming the process that holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot write the store's folder to create its lock file "
+                f"({exc.strerror}); check that the folder exists, is writable by this user "
+                "and is not on a read-only disk"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = lock_holder(self.path.with_suffix(""))
+            raise StoreError(
+                f"{self.path.with_suffix('')}: another flicbridge (pid {holder or '?'}) holds "
+                f"this store ({self.path}); only one process may write a store"
+            ) from None
+        self._fd = fd
+
+    def stamp(self) -> None:
+        """Write our pid into the lock file (once the store opened: a refused start leaves
+        the folder as it was)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the store's writer lock, or None when it is free."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def outbox_rows(conn: sqlite3.Connection, status: str) -> list[OutboxRow]:
+    """Every row of ``status`` in id order (offline listing)."""
+    cur = conn.execute("SELECT * FROM outbox WHERE status = ? ORDER BY id", (status,))
+    return [_row(r) for r in cur]
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +490,11 @@ class Store:
         self._read_lock = threading.Lock()
         self._unsettled = 0  # submitted, not yet resolved (touched on the loop only)
         self._stop_retrying = threading.Event()
+        self.lock = StoreLock(path)
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._abandoned = False  # closing gave a failing batch up (keeps commit order)
+        self._counts_task: asyncio.Future[dict[str, dict[str, int]]] | None = None
+        self._counts_cache: dict[str, dict[str, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -263,19 +505,40 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.path.parent}: cannot create the store folder: {exc}") from None
-        self._conn = await asyncio.to_thread(self._open_sync)
+        await asyncio.to_thread(inspect_store, self.path)  # a refused file: nothing created
+        self.lock.acquire()
+        try:
+            self._conn = await asyncio.to_thread(self._open_sync)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.lock.stamp()
         self._reader = await asyncio.to_thread(self._open_reader)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
+        if not self.healthy:  # opened, but cannot commit (read-only file or disk, full disk)
+            if self._on_health is not None:
+                self._loop.call_soon(self._on_health, False, self.last_error)
+            probe = self.submit(_write_probe)  # held and retried until a commit works
+            probe.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _open_sync(self) -> sqlite3.Connection:
+        version = inspect_store(self.path)  # before anything could write to the file
         conn = connect(self.path)
         try:
-            conn.executescript(SCHEMA)
-            conn.executescript(ACKS_DDL)
-        except sqlite3.DatabaseError as exc:
+            if version < SCHEMA_VERSION:
+                migrate(conn, version)
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+        except (sqlite3.DatabaseError, OSError) as exc:
             conn.close()
             raise StoreError(f"{self.path}: cannot prepare the store: {exc}") from None
+        try:
+            _write_probe(conn)  # readiness must not say 200 for a store that cannot commit
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
         return conn
 
     def _open_reader(self) -> sqlite3.Connection:
@@ -297,6 +560,7 @@ class Store:
             self._conn.close()
             self._conn = None
         await asyncio.to_thread(self._close_reader)
+        self.lock.release()
 
     def _close_reader(self) -> None:
         with self._read_lock:  # after any read in progress
@@ -310,7 +574,14 @@ class Store:
         assert self._conn is not None
         conn = self._conn
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_CHECK)
+            except queue.Empty:
+                try:  # idle: still notice a store deleted or replaced under us
+                    self._check_identity()
+                except sqlite3.OperationalError as exc:
+                    self._report(False, str(exc))
+                continue
             if first is None:
                 return
             batch = [first]
@@ -324,7 +595,11 @@ class Store:
                     stop = True
                     break
                 batch.append(item)
-            self._run_batch(conn, batch)
+            if self._abandoned:  # an earlier operation failed at close: none after it commits
+                for _, future in batch:
+                    self._resolve(future, None, StoreError("store unavailable at close"))
+            else:
+                self._run_batch(conn, batch)
             if stop:
                 return
 
@@ -335,6 +610,7 @@ class Store:
         while True:
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             try:
+                self._check_identity()
                 conn.execute("BEGIN IMMEDIATE")
                 for op, future in batch:
                     conn.execute("SAVEPOINT op")
@@ -355,6 +631,7 @@ class Store:
                         conn.execute("ROLLBACK")
                 self._report(False, f"{type(exc).__name__}: {exc}")
                 if self._stop_retrying.wait(delay):
+                    self._abandoned = True
                     for _, future in batch:
                         self._resolve(future, None, StoreError(f"store unavailable: {exc}"))
                     return
@@ -366,6 +643,22 @@ class Store:
             for future, value, error in results:
                 self._resolve(future, value, error)
             return
+
+    def _check_identity(self) -> None:
+        """OperationalError when the path no longer names the file we have open: whatever
+        we commit would be lost with the open file (held instead; restart to recover)."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise sqlite3.OperationalError(
+                f"the store file {self.path} is gone ({exc.strerror})"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise sqlite3.OperationalError(
+                f"the store file {self.path} was replaced under the daemon; restart it"
+            )
 
     def _report(self, healthy: bool, error: str) -> None:
         changed = healthy != self.healthy
@@ -561,8 +854,9 @@ class Store:
         return await self.run(op)
 
     async def alerts(self) -> dict[str, AlertState]:
-        """Alert state as last committed, by alert key."""
-        return await self.run(load_alerts)
+        """Alert state as last committed, by alert key (the reader: at start the writer may
+        be holding a probe of a store that cannot commit)."""
+        return await self.read(load_alerts)
 
     async def lanes(self) -> list[tuple[str, str, int, float]]:
         """(sink id, alert key, pending rows, oldest created_at) of every lane with work."""
@@ -623,6 +917,23 @@ class Store:
 
         return await self.read(op)
 
+    async def counts_within(self, seconds: float) -> dict[str, dict[str, int]]:
+        """``counts``, or the last counts read when the disk does not answer in ``seconds``
+        (a frozen or stalled disk blocks the reader too: the status API answers anyway).
+        At most one read is in flight, so a stall does not pile up threads."""
+        task = self._counts_task
+        if task is None or task.done():
+            task = self._counts_task = asyncio.ensure_future(self.counts())
+        try:
+            self._counts_cache = await asyncio.wait_for(asyncio.shield(task), seconds)
+        except TimeoutError:
+            log.warning("status_from_memory", waited_s=seconds)
+        except StoreError:
+            pass
+        except sqlite3.Error as exc:
+            log.warning("status_counts_failed", error=str(exc))
+        return self._counts_cache
+
     async def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             cur = conn.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
@@ -664,7 +975,18 @@ class Store:
                 r[0]: AckRecord(r[0], r[1], r[2], datetime.fromisoformat(r[3]), r[4]) for r in cur
             }
 
-        return await self.run(op)
+        return await self.read(op)  # the reader: a store that cannot commit still starts
+
+
+def _write_probe(conn: sqlite3.Connection) -> None:
+    """A tiny real commit: proves the store can be written (at open, and while held)."""
+    stamp = str(time.time())
+    if conn.in_transaction:  # inside the writer's batch
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_at', ?)", (stamp,))
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_at', ?)", (stamp,))
+    conn.execute("COMMIT")
 
 
 def _save_alert(conn: sqlite3.Connection, alert: AlertState, event_id: int) -> None:

@@ -29,6 +29,7 @@ log = structlog.get_logger(__name__)
 MAX_BODY = 64 * 1024
 BRIDGE: web.AppKey[Bridge] = web.AppKey("bridge")
 COMMIT_WAIT = 30.0  # seconds a request waits for its commit before answering 503
+STATUS_READ_WAIT = 0.5  # seconds the status waits for the disk before answering from memory
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -290,7 +291,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def status_json(bridge: Bridge) -> dict[str, Any]:
     """The status document shared by the API, the page and ``flicbridge status``."""
-    counts = await bridge.store.counts()
+    counts = await bridge.store.counts_within(STATUS_READ_WAIT)  # memory if the disk stalls
     depth = bridge.dispatcher.depth()
     buttons = []
     for button in bridge.config.buttons:
