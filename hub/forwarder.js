@@ -20,7 +20,7 @@ var GESTURES = ["single", "double", "hold"];
 
 var GESTURE_TEXT = { single: "single click", double: "double click", hold: "hold" };
 
-// The bridge's own default (DESIGN §4): single click and hold open, double click closes.
+// The bridge's own default: single click and hold open, double click closes.
 var DEFAULT_GESTURE_STATES = { single: "On", double: "Off", hold: "On" };
 
 var DEFAULTS = {

@@ -1,4 +1,4 @@
-"""Flashduty custom incident actions (seed 001) against a real bridge, over real HTTP."""
+"""Flashduty custom incident actions against a real bridge, over real HTTP."""
 
 from __future__ import annotations
 

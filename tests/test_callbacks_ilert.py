@@ -1,4 +1,4 @@
-"""iLert dynamic alert actions (seed 000) against a real bridge, over real HTTP."""
+"""iLert dynamic alert actions against a real bridge, over real HTTP."""
 
 from __future__ import annotations
 

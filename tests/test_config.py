@@ -1,4 +1,4 @@
-"""Configuration: keys of DESIGN.md §9, every error with its key path, secrets resolved."""
+"""Configuration: its keys, every error with its key path, secrets resolved."""
 
 from pathlib import Path
 

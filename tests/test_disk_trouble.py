@@ -1,4 +1,4 @@
-"""Disk trouble (DESIGN.md §5, store.py): the store cannot commit, the daemon says so loudly,
+"""Disk trouble (store.py): the store cannot commit, the daemon says so loudly,
 holds what it accepted for a bounded count while it retries, never crashes, and delivers
 the held presses once the disk recovers.
 

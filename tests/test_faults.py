@@ -868,7 +868,7 @@ def prefill(db: Path, rows: int) -> None:
 
 async def test_a_press_at_start_is_not_queued_behind_the_backlog_load(tmp_path: Path) -> None:
     """A press made as the daemon starts is committed without the backlog being read into
-    memory first (DESIGN.md §5: a panic press is never queued behind other buttons'
+    memory first (a panic press is never queued behind other buttons'
     backlog, on disk or on the wire). An order, not a speed, is asserted: the backlog
     stays on disk, a window per lane in memory, and is still counted as pending."""
     backlog = 50_000

@@ -1,4 +1,4 @@
-"""POST /api/v1/ingest/flic end to end: seed 002's body → bridge → store → AlertOps sink.
+"""POST /api/v1/ingest/flic end to end: the Flic body → bridge → store → AlertOps sink.
 
 Authentication by the server's bearer token or by a source's own ``?token=`` ([ingest]),
 rate-limited per source.

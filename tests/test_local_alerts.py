@@ -1,4 +1,4 @@
-"""Local alerts (seed 003): the SSE stream, subscriptions, action_exec, failing-sink alerts."""
+"""Local alerts: the SSE stream, subscriptions, action_exec, failing-sink alerts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Operating the daemon (DESIGN.md §8, §10, §11): readiness, metrics, and the operator's CLI.
+"""Operating the daemon: readiness, metrics, and the operator's CLI.
 
 Everything goes through real boundaries: the flicd simulator on a TCP port, aiohttp
 receivers as sinks, the daemon's HTTP server, SQLite files, and ``python -m flicbridge``

@@ -1,4 +1,4 @@
-"""The state machine mirrors AlertOps' inbound mapping (DESIGN.md §4)."""
+"""The state machine mirrors AlertOps' inbound mapping."""
 
 from datetime import UTC, datetime, timedelta
 

@@ -73,7 +73,7 @@ class OutboxMachine(RuleBasedStateMachine):
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    # -- the model's own table (DESIGN.md §4) ----------------------------------------------
+    # -- the model's own table ----------------------------------------------
 
     def expected(self, key: str, state: str) -> str:
         if state == "On":

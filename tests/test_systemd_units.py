@@ -1,4 +1,4 @@
-"""The shipped systemd units keep the operations contract (DESIGN §11)."""
+"""The shipped systemd units keep the operations contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local alerts (seed 003): what the bridge tells screens on the LAN about itself.
+"""Local alerts: what the bridge tells screens on the LAN about itself.
 
 An alert is JSON with ``type`` INFO|WARNING|ERROR, ``action`` MESSAGE|EXECUTE|SHOW_EVENT,
 ``priority`` LOW|NORMAL|HIGH, ``message``, optional ``action_exec_token`` and ``event``
@@ -30,7 +30,7 @@ PRIORITY_ORDER: dict[str, int] = {"LOW": 0, "NORMAL": 1, "HIGH": 2}
 
 @dataclass(frozen=True, slots=True)
 class LocalAlert:
-    """One alert in seed 003's format."""
+    """One alert in the local alert format."""
 
     type: AlertType
     action: AlertAction

@@ -1,4 +1,4 @@
-"""The ``flicbridge`` command (DESIGN.md §8). Exit codes: 0 ok, 2 bad config or usage,
+"""The ``flicbridge`` command. Exit codes: 0 ok, 2 bad config or usage,
 1 runtime failure. User errors print one clear message, never a traceback."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Configuration: one TOML file, environment overrides, declared once and frozen.
 
-Keys are the contract of DESIGN.md §9. Every error is reported at once with its key
-path (``buttons[0].address``); unknown keys are errors because they are usually typos.
+Key names are fixed: outside checks drive the daemon by them. Every error is reported at
+once with its key path (``buttons[0].address``); unknown keys are errors because they are
+usually typos.
 Secrets may be written literally, as ``env:NAME`` or as ``file:PATH``.
 """
 

@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from flicbridge.domain import Message
 from flicbridge.sinks.base import Sink
 
-RETRY_AFTER_CAP = 3600.0  # DESIGN.md §5: a Retry-After is honoured up to one hour
+RETRY_AFTER_CAP = 3600.0  # a Retry-After is honoured up to one hour
 BODY_LIMIT = 64 * 1024  # enough for any error document; a huge answer is not read on
 EXCERPT_LIMIT = 300
 MASK = "***"

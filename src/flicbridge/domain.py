@@ -138,7 +138,7 @@ class Message:
         return cls(**values)
 
     def variables(self) -> dict[str, str]:
-        """Template placeholders of the webhook sink (DESIGN.md §9)."""
+        """Template placeholders of the webhook sink."""
         return {
             "alert_key": self.alert_key,
             "button_id": self.button_id,

@@ -1,4 +1,4 @@
-"""Local alert subscriptions (seed 003) and the failing-sink watch.
+"""Local alert subscriptions and the failing-sink watch.
 
 - A subscription (``sse`` or ``webhook``) is a row of the ``subscriptions`` table in the
   store, so it survives restarts. An ``sse`` subscription fixes the ``min_priority`` of the

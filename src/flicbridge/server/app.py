@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN.md §10): health, metrics, status, signals, ingest, outbox.
+"""The HTTP API: health, metrics, status, signals, ingest, outbox.
 
 Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx; bodies over 64 KiB get
 413; nothing a client sends can produce a 500 or stop the daemon.
@@ -192,7 +192,7 @@ class SignalBody(BaseModel):
 
 
 class IngestBody(BaseModel):
-    """The AlertOps-style body of seed 002 (Flic app "HTTP request", Flic Hub module)."""
+    """The AlertOps-style Flic body (Flic app "HTTP request", Flic Hub module)."""
 
     model_config = ConfigDict(extra="ignore")
     flic_nameId: str = Field(min_length=1, max_length=255)

@@ -1,4 +1,4 @@
-"""Platform callbacks (DESIGN.md §7): iLert dynamic alert actions and Flashduty custom actions.
+"""Platform callbacks: iLert dynamic alert actions and Flashduty custom actions.
 
 Both platforms can ask the bridge for two actions on a button's alert:
 
@@ -11,14 +11,14 @@ the person who clicked) and are committed like a press; a close with nothing ope
 "ignored", which is still a success for the platform. ``[ilert] enabled = false`` or
 ``[flashduty] enabled = false`` makes the routes answer 404.
 
-iLert (seed 000): ``POST /ilert/action-requests`` answers ``{"actions": [...]}`` — the shape
+iLert: ``POST /ilert/action-requests`` answers ``{"actions": [...]}`` — the shape
 of iLert's own demo provider (iLert/dynamic-action-provider) and of the seed's sample
 handler; the seed's schema block shows the bare array inside it — with at most three
 actions whose ids are deterministic (``close:<button id>``, ``rearm:<button id>``): iLert
 caches actions for an hour and maps its ids back to ours. ``POST /ilert/action-responses``
 runs one and answers ``{"success": bool, "text": ...}`` in the request's locale (en, de).
 
-Flashduty (seed 001): ``POST /flashduty/action/close`` and ``/flashduty/action/rearm`` take
+Flashduty: ``POST /flashduty/action/close`` and ``/flashduty/action/rearm`` take
 the ``i_custom`` push. Flashduty retries a push that timed out with the same ``event_id``:
 the store remembers every event id it has acted on (also across restarts), so a repeat
 answers 200 and does nothing.
@@ -389,7 +389,7 @@ class FlashdutyIncident(BaseModel):
 
 
 class FlashdutyPush(BaseModel):
-    """The ``i_custom`` push of a Flashduty custom incident action (seed 001)."""
+    """The ``i_custom`` push of a Flashduty custom incident action."""
 
     model_config = ConfigDict(extra="allow")
     event_time: int | None = None

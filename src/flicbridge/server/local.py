@@ -1,4 +1,4 @@
-"""Local alerts over HTTP (seed 003): subscriptions, the SSE stream and ``action_exec``.
+"""Local alerts over HTTP: subscriptions, the SSE stream and ``action_exec``.
 
 - ``POST /api/v1/subscriptions`` (alert_subscribe) stores an ``sse`` or ``webhook``
   subscription; ``GET`` lists them, ``DELETE /api/v1/subscriptions/{id}`` removes one.
@@ -105,7 +105,7 @@ class ExecResult(BaseModel):
 
 
 class AlertOut(BaseModel):
-    """One local alert as the stream and webhook subscriptions carry it (seed 003)."""
+    """One local alert as the stream and webhook subscriptions carry it."""
 
     id: int
     type: Literal["INFO", "WARNING", "ERROR"]

@@ -1,4 +1,4 @@
-"""``GET /``: the status page (DESIGN.md §10): one HTML document, no build step, no assets.
+"""``GET /``: the status page: one HTML document, no build step, no assets.
 
 The page is static: its inline script polls ``/api/v1/status`` and ``/api/v1/outbox``
 every 1.5 s and draws buttons (state, last press, battery, link), sinks (queue depth,

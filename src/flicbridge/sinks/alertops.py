@@ -1,4 +1,4 @@
-"""AlertOps generic API integration ("Flic" template, seed 002): the key is in the URL path."""
+"""AlertOps generic API integration ("Flic" template): the key is in the URL path."""
 
 from __future__ import annotations
 

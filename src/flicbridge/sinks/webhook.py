@@ -10,7 +10,7 @@ from flicbridge.config import WebhookSink as WebhookConfig
 from flicbridge.domain import Message
 from flicbridge.sinks.base import HttpRequest, Sink
 
-# The keys of Message.variables() (DESIGN.md §9); a test keeps the two in step.
+# The keys of Message.variables(); a test keeps the two in step.
 PLACEHOLDERS = frozenset(
     {
         "alert_key",

@@ -1,4 +1,4 @@
-"""A flicd stand-in: a real fliclib-protocol TCP server with virtual buttons (DESIGN.md §3).
+"""A flicd stand-in: a real fliclib-protocol TCP server with virtual buttons.
 
 The daemon, the official client libraries and the tests talk to it exactly as they
 talk to flicd. Packets are encoded and decoded with pyflic's own tables
