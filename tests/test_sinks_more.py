@@ -8,12 +8,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from flicbridge.app import Bridge
 from flicbridge.config import ConfigError, config_from_mapping
-from tests.conftest import Receiver, auth, cli, make_config, running
+from tests.conftest import Receiver, cli, make_config, running
+from tests.test_sink_pipeline import settled, signal
 
 PRESSED_FIELDS = {"pressed_at", "state_start_time", "description", "state_message", "message"}
 
@@ -30,22 +29,6 @@ def sink_config(kind: str, url: str) -> dict[str, Any]:
 
 
 KINDS = ["opsgenie", "splunk_oncall", "incidentio", "ntfy"]
-
-
-async def signal(bridge: Bridge, state: str) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{bridge.url}/api/v1/buttons/desk/signal", json={"state": state}, headers=auth()
-        ) as response,
-    ):
-        assert response.status == 202, await response.text()
-
-
-async def settled(bridge: Bridge) -> None:
-    async with asyncio.timeout(10):
-        while await bridge.store.rows("pending"):
-            await asyncio.sleep(0.02)
 
 
 def _stable(body: dict[str, Any]) -> dict[str, Any]:

@@ -46,16 +46,6 @@ FAILING_AFTER = 300.0  # a sink whose oldest pending row is this old raises an E
 WATCH_SLACK = 0.05  # seconds the watch looks after a row is due, so that it is past due
 STREAM_PATH = "/api/v1/alerts/stream"
 
-TABLE = """
-CREATE TABLE IF NOT EXISTS subscriptions (
-    id TEXT PRIMARY KEY,
-    channel TEXT NOT NULL,
-    url TEXT,
-    min_priority TEXT NOT NULL,
-    created_at REAL NOT NULL
-)
-"""
-
 
 class TooManySubscriptions(Exception):
     """The bridge keeps at most ``MAX_SUBSCRIPTIONS``."""
@@ -119,7 +109,6 @@ class Subscriptions:
         )
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(TABLE)
             count = conn.execute("SELECT COUNT(*) FROM subscriptions").fetchone()[0]
             if count >= MAX_SUBSCRIPTIONS:
                 raise TooManySubscriptions(f"at most {MAX_SUBSCRIPTIONS} subscriptions")
@@ -156,7 +145,6 @@ class Subscriptions:
 
     async def delete(self, sub_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            conn.execute(TABLE)
             return conn.execute("DELETE FROM subscriptions WHERE id = ?", (sub_id,)).rowcount > 0
 
         deleted = await self.bridge.store.run(op)
@@ -344,7 +332,6 @@ def _has_table(conn: sqlite3.Connection) -> bool:
 
 
 def _load_all(conn: sqlite3.Connection) -> list[Subscription]:
-    conn.execute(TABLE)
     return [_subscription(r) for r in conn.execute("SELECT * FROM subscriptions ORDER BY id")]
 
 
