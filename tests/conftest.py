@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config, config_from_mapping
@@ -200,3 +201,10 @@ async def open_alert(http: aiohttp.ClientSession, bridge: Bridge, button: str = 
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """The structlog events the test's code logs, as dicts."""
+    with capture_logs() as captured:
+        yield captured

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from benchmarks.harness import Receiver, toml_dumps
 from flicbridge.app import Bridge
@@ -203,12 +202,6 @@ async def settled(bridge: Bridge) -> tuple[int, int]:
 
 def retry_delays(logs: list[dict[str, Any]]) -> list[float]:
     return [float(e["retry_in"]) for e in logs if e["event"] == "delivery_failed"]
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    with capture_logs() as captured:
-        yield captured
 
 
 # -- flicd faults ---------------------------------------------------------------------------

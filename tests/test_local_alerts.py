@@ -159,7 +159,7 @@ async def test_an_expired_token_is_410(tmp_path: Path, http: aiohttp.ClientSessi
     """A token older than 24 hours (on the monotonic token clock) is gone; the alert stays open."""
     now = [time.monotonic()]
     config = make_config(tmp_path)
-    async with asyncio.timeout(10), running(config, token_clock=lambda: now[0]) as bridge:
+    async with asyncio.timeout(10), running(config, mono=lambda: now[0]) as bridge:
         async with stream(http, bridge) as alerts:
             await signal(http, bridge, "On")
             token = (await alerts.alert(action="EXECUTE"))["action_exec_token"]
@@ -180,7 +180,7 @@ async def test_a_token_survives_wall_clock_steps(
     config = make_config(tmp_path)
     async with (
         asyncio.timeout(10),
-        running(config, clock=lambda: wall[0], token_clock=lambda: mono[0]) as bridge,
+        running(config, clock=lambda: wall[0], mono=lambda: mono[0]) as bridge,
     ):
         async with stream(http, bridge) as alerts:
             await signal(http, bridge, "On")

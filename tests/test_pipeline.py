@@ -207,7 +207,10 @@ async def test_state_survives_restart(tmp_path: Path, sim: Simulator, receiver: 
 async def test_max_age_dead_letters_old_rows(
     tmp_path: Path, sim: Simulator, receiver: Receiver
 ) -> None:
-    """A row still undelivered after max_age is dead-lettered, never silently dropped."""
+    """A row still undelivered after max_age is dead-lettered, never silently dropped.
+
+    Two hours pass on both clocks (a step of the wall clock alone ages nothing: see
+    test_clock_steps.py)."""
     receiver.default = (503, "down", {})
     offset = [0.0]
     import time
@@ -224,7 +227,11 @@ async def test_max_age_dead_letters_old_rows(
         },
         sinks=[{"id": "hook", "type": "webhook", "url": f"{receiver.url}/hook"}],
     )
-    async with running(config, clock=lambda: time.time() + offset[0]) as bridge:
+    async with running(
+        config,
+        clock=lambda: time.time() + offset[0],
+        mono=lambda: asyncio.get_running_loop().time() + offset[0],
+    ) as bridge:
         await connected(bridge, "alpha")
         sim.press(A, "single")
         await receiver.wait_for(2)

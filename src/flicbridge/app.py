@@ -22,6 +22,7 @@ from aiohttp import web
 from flicbridge import __version__
 from flicbridge.acks import FeedbackEvent, run_feedback
 from flicbridge.alerts import AlertBus
+from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
@@ -79,7 +80,7 @@ class ExecToken:
 
     button_id: str
     event: int
-    created: float  # on the bridge's token_clock (monotonic: wall-clock steps don't age it)
+    created: float  # on the bridge's monotonic clock (wall-clock steps don't age it)
     spent: bool = False
     in_use: bool = False  # its action is being committed; spent only once it is
 
@@ -102,12 +103,14 @@ class Bridge:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
-        token_clock: Callable[[], float] = time.monotonic,
+        mono: Callable[[], float] = loop_time,
     ) -> None:
         self.config = config
-        self.clock = clock
-        # Lifetimes kept in this process (exec tokens) are measured on a clock NTP cannot step.
-        self.token_clock = token_clock
+        self.clock = clock  # the wall clock, which NTP may step (clock.py)
+        # Lifetimes kept in this process (exec tokens, silence, uptime) are measured on a
+        # clock NTP cannot step; schedules kept in the store, on the schedule clock.
+        self.mono = mono
+        self.schedule = ScheduleClock(clock, mono)
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.alerts_bus = AlertBus()
@@ -116,7 +119,7 @@ class Bridge:
             config.store.path,
             history=config.store.history,
             on_health=self._store_health,
-            clock=clock,
+            clock=self.schedule.now,
         )
         self.sinks: dict[str, Sink] = {s.id: build_sink(s, config.site) for s in config.sinks}
         self.dispatcher = Dispatcher(
@@ -127,16 +130,16 @@ class Bridge:
             backoff_max=config.delivery.backoff_max,
             max_age=config.delivery.max_age,
             listener=self,
-            clock=clock,
+            clock=self.schedule,
         )
         self.states: dict[str, AlertState] = {}
         self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
         self.tokens: dict[str, ExecToken] = {}
         self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
-        self._tokens_pruned = token_clock()
+        self._tokens_pruned = mono()
         self.accepting = False
-        self.started_at = clock()
+        self.started_at = mono()
         self.url: str | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._stop = asyncio.Event()
@@ -156,7 +159,7 @@ class Bridge:
             silent_after=config.alerts.silent_after,
             is_open=self._health_open,
             change=self._health_change,
-            clock=clock,
+            clock=mono,
         )
         # Presses held while the store cannot commit, also kept in a file (spill.py).
         spill = config.store.spill
@@ -278,7 +281,7 @@ class Bridge:
 
     def _oldest_pending_age(self, sink_id: str) -> float:
         oldest = self.dispatcher.oldest().get(sink_id)
-        return 0.0 if oldest is None else self.clock() - oldest
+        return 0.0 if oldest is None else self.dispatcher.now() - oldest
 
     # -- SourceListener --------------------------------------------------------------
 
@@ -451,6 +454,7 @@ class Bridge:
         # The decision is made; state moves now so the next signal sees it (arrival order).
         previous = self.states.get(after.alert_key)
         started = time.perf_counter()
+        steps = self.dispatcher.steps  # the rows' times are on the schedule clock as of now
         committed = self.store.commit_event(event, after, messages, callback=callback)
         self.states[after.alert_key] = after  # after commit_event: a refusal moves nothing
         held_id = self._hold(signal)
@@ -515,7 +519,7 @@ class Bridge:
                 delay_s=round(event.delay_s, 3) if event.queued else None,
                 local_only=signal.local_only or None,
             )
-            self.dispatcher.add(c.rows)
+            self.dispatcher.add(c.rows, since=steps)
             if not health:
                 self._announce(button, signal, decision, c.event_id)
             result.set_result(Accepted(c.event_id, decision, c.rows))
@@ -561,7 +565,7 @@ class Bridge:
         )
         if decision is Decision.OPEN:
             self._clear_ack(self.config.alert_key(button))
-            now = self.token_clock()
+            now = self.mono()
             if now - self._tokens_pruned > 3600:
                 # Forget tokens a day after they expired (until then they answer 409/410).
                 self._tokens_pruned = now
@@ -824,8 +828,9 @@ class Bridge:
     # -- operator actions ------------------------------------------------------------
 
     async def requeue(self, row_id: int | None) -> list[OutboxRow]:
+        steps = self.dispatcher.steps
         rows = await self.store.requeue(row_id)
-        self.dispatcher.add(rows)
+        self.dispatcher.add(rows, since=steps)
         return rows
 
     def exec_token(self, token: str) -> ExecToken:
@@ -838,7 +843,7 @@ class Bridge:
             raise TokenSpent(token)
         if entry.in_use:
             raise TokenInUse(token)
-        if self.token_clock() - entry.created > TOKEN_LIFETIME:
+        if self.mono() - entry.created > TOKEN_LIFETIME:
             raise TokenExpired(token)
         entry.in_use = True
         return entry

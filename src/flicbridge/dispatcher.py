@@ -10,6 +10,9 @@
   ``delivery.next_delay`` (full jitter, Retry-After as a minimum). Rows older than
   ``max_age`` are dead-lettered, never dropped. Every outcome is written to the store
   before the lane moves on, so nothing undelivered lives only in memory.
+- Every schedule (retry times, ``max_age``, pauses, the buckets) is on the schedule clock
+  (``clock.ScheduleClock``), which never jumps when NTP steps the wall clock; a step is
+  absorbed by moving every pending schedule with it, in memory and in the store.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiohttp
 import structlog
 
+from flicbridge.clock import ScheduleClock
 from flicbridge.delivery import Outcome, attempt, next_delay
 from flicbridge.sinks.base import Sink
 from flicbridge.store import OutboxRow, Store, StoreError
@@ -34,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 FRESH = 60.0  # seconds: a row this young on its first attempt is a live press, not backlog
 WINDOW = 32  # rows of one lane held in memory; the rest of a backlog stays on disk
+CLOCK_CHECK = 1.0  # seconds between checks for a wall-clock step while nothing else reads it
 
 
 class DeliveryListener(Protocol):
@@ -76,6 +80,17 @@ class SinkGate:
             return 0.0
         return (floor - self.tokens) / self.rate
 
+    def shift(self, delta: float) -> None:
+        """Move this gate's times with a step of the schedule clock."""
+        if self.updated:
+            self.updated += delta
+        if self.paused_until:
+            self.paused_until += delta
+        if self.last_success is not None:
+            self.last_success += delta
+        if self.failing_since is not None:
+            self.failing_since += delta
+
 
 @dataclass
 class Lane:
@@ -108,7 +123,7 @@ class Dispatcher:
         backoff_max: float,
         max_age: float,
         listener: DeliveryListener | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: ScheduleClock | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -118,7 +133,7 @@ class Dispatcher:
         self.backoff_max = backoff_max
         self.max_age = max_age
         self.listener = listener
-        self.clock = clock
+        self.schedule = clock or ScheduleClock()
         self.rng = rng or random.Random()
         self.gates = {sid: SinkGate(rate=s.rate, burst=s.burst) for sid, s in sinks.items()}
         self.lanes: dict[tuple[str, str], Lane] = {}
@@ -131,6 +146,8 @@ class Dispatcher:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._rebased: asyncio.Future[None] | None = None  # the store's last step shift
+        self._steps: list[float] = []  # each step absorbed so far, in seconds
 
     # -- public ----------------------------------------------------------------------
 
@@ -149,13 +166,25 @@ class Dispatcher:
         for key, lane in list(self.lanes.items()):
             self._spawn(key, lane)
         try:
-            await asyncio.Event().wait()
+            while True:  # a step is absorbed within a second even when no lane is busy
+                await asyncio.sleep(CLOCK_CHECK)
+                self.now()
         finally:
             await self._shutdown()
 
-    def add(self, rows: Iterable[OutboxRow]) -> None:
-        """Queue committed rows; each lane keeps id order."""
+    @property
+    def steps(self) -> int:
+        """How many clock steps were absorbed: read it before queueing a write whose rows
+        are then ``add``-ed, so that a step absorbed meanwhile moves them too."""
+        return len(self._steps)
+
+    def add(self, rows: Iterable[OutboxRow], *, since: int | None = None) -> None:
+        """Queue committed rows; each lane keeps id order. ``since``: ``steps`` when their
+        write was queued (its times are on the schedule clock as it was then)."""
+        delta = sum(self._steps[since:]) if since is not None else 0.0
         for row in rows:
+            if delta:
+                row = _moved(row, delta)
             if row.sink_id not in self.sinks:
                 log.warning("row_for_unknown_sink", row=row.id, sink=row.sink_id)
                 continue
@@ -194,7 +223,13 @@ class Dispatcher:
         """Read the lane's next page of rows from the store."""
         lane.loading = True
         try:
-            page = await self.store.lane_page(key[0], key[1], lane.upto, WINDOW)
+            while True:
+                steps = self.steps
+                if self._rebased is not None:  # read the shifted times, never the old ones
+                    await asyncio.gather(self._rebased, return_exceptions=True)
+                page = await self.store.lane_page(key[0], key[1], lane.upto, WINDOW)
+                if steps == self.steps:  # else a step moved the times as they were read
+                    break
         finally:
             lane.loading = False
         arrived, lane.arrived = lane.arrived, []
@@ -209,6 +244,33 @@ class Dispatcher:
         lane.upto = max([lane.upto, *rows])
         lane.oldest = None
         self._trim(lane)
+
+    def now(self) -> float:
+        """The schedule clock's time, after absorbing any step of the wall clock.
+
+        Every schedule decision reads the time here, so a step is absorbed before any
+        time taken after it is compared with, or written beside, times taken before it.
+        """
+        delta = self.schedule.step()
+        if delta:
+            self._absorb(delta)
+        return self.schedule.now()
+
+    def _absorb(self, delta: float) -> None:
+        """The wall clock stepped by ``delta``: move every pending schedule with it."""
+        self.schedule.absorb(delta)
+        self._steps.append(delta)
+        for lane in self.lanes.values():
+            lane.rows = deque(_moved(r, delta) for r in lane.rows)
+            lane.arrived = [_moved(r, delta) for r in lane.arrived]
+            if lane.oldest is not None:
+                lane.oldest += delta
+            lane.wake.set()
+        for gate in self.gates.values():
+            gate.shift(delta)
+        rebased = self._rebased = self.store.rebase(delta)
+        rebased.add_done_callback(_report_rebase)
+        log.warning("clock_step", seconds=round(delta, 3), pending=sum(self.pending.values()))
 
     def forget(self, row_id: int, sink_id: str) -> None:
         """An operator dropped a pending row: stop trying it (an attempt in flight ends)."""
@@ -270,8 +332,8 @@ class Dispatcher:
                         bound.error("lane_read_failed", error=str(exc))
                         await self._sleep(lane, 1.0)
                     continue
+                now = self.now()  # first: a step absorbed here moves the rows
                 row = lane.rows[0]
-                now = self.clock()
                 if self.max_age and now - row.created_at > self.max_age:
                     outcome = Outcome(
                         kind="dead",
@@ -331,7 +393,9 @@ class Dispatcher:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-        now = self.clock()
+        now = self.now()
+        if lane.rows and lane.rows[0].id == row.id:
+            row = lane.rows[0]  # as a step absorbed during the attempt moved it
         attempts = row.attempts + 1
         if outcome.kind == "delivered":
             gate.last_success, gate.failing_since = now, None
@@ -416,6 +480,23 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _moved(row: OutboxRow, delta: float) -> OutboxRow:
+    """``row`` with its schedule moved by a clock step."""
+    return replace(
+        row, created_at=row.created_at + delta, next_attempt_at=row.next_attempt_at + delta
+    )
+
+
+def _report_rebase(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error(
+            "clock_step_not_saved",
+            error=str(exc),
+            detail="pending rows keep their times on disk: after a restart they look aged"
+            " by the step",
+        )
 
 
 def _remove_head(lane: Lane, row: OutboxRow) -> None:

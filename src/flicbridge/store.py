@@ -474,7 +474,9 @@ class Store:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
-        self.clock = clock  # stamps rows; the dispatcher measures their age on the same clock
+        # Stamps rows, read on the loop when a write is queued (never in the writer thread):
+        # the dispatcher's schedule clock, whose step absorption relies on that order.
+        self.clock = clock
         self.history = history
         self.max_batch = max_batch
         self.max_held = max_held
@@ -736,13 +738,14 @@ class Store:
         """
         self._refuse_when_full()
         pending = list(messages)
+        now = self.clock()  # read on the loop, in the order of the writes (clock.py)
 
         def op(conn: sqlite3.Connection) -> Committed:
             if callback is not None:
                 inserted = conn.execute(
                     "INSERT OR IGNORE INTO callbacks (source, event_id, received_at)"
                     " VALUES (?, ?, ?)",
-                    (callback[0], callback[1], self.clock()),
+                    (callback[0], callback[1], now),
                 ).rowcount
                 if not inserted:
                     return Committed(event_id=0, rows=(), duplicate=True)
@@ -767,7 +770,6 @@ class Store:
             )
             event_id = int(cur.lastrowid or 0)
             _save_alert(conn, alert, event_id)
-            now = self.clock()
             rows = []
             for sink_id, message in pending:
                 message = replace(message, event=event_id)
@@ -794,12 +796,13 @@ class Store:
     def mark_delivered(self, row_id: int, status: int | None) -> asyncio.Future[None]:
         """The row reached its sink; keep it as bounded history."""
         history = self.history
+        now = self.clock()
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE outbox SET status = 'delivered', last_status = ?, last_error = NULL,"
                 " done_at = ?, attempts = attempts + 1 WHERE id = ?",
-                (status, self.clock(), row_id),
+                (status, now, row_id),
             )
             # Trim history now and then, not on every delivery.
             if row_id % 64 == 0:
@@ -834,12 +837,30 @@ class Store:
         self, row_id: int, attempts: int, status: int | None, error: str
     ) -> asyncio.Future[None]:
         """The row can never be delivered as it is: keep it, loudly, for an operator."""
+        now = self.clock()
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE outbox SET status = 'dead', attempts = ?, last_status = ?,"
                 " last_error = ?, done_at = ? WHERE id = ? AND status = 'pending'",
-                (attempts, status, error, self.clock(), row_id),
+                (attempts, status, error, now, row_id),
+            )
+
+        return self.submit(op)
+
+    def rebase(self, delta: float) -> asyncio.Future[None]:
+        """The wall clock stepped by ``delta`` seconds: move every pending row's schedule with
+        it, so that after a restart no row looks older, younger or later than it is.
+
+        Queued in the writer's order, so a time written before the step is shifted once and a
+        time written after it not at all (the schedule clock changes as this is queued).
+        """
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET created_at = created_at + ?,"
+                " next_attempt_at = next_attempt_at + ? WHERE status = 'pending'",
+                (delta, delta),
             )
 
         return self.submit(op)
@@ -898,7 +919,8 @@ class Store:
 
     async def requeue(self, row_id: int | None) -> list[OutboxRow]:
         """Make a dead row (or every dead row with None) pending again; return them."""
-        return await self.run(lambda conn: requeue_dead(conn, row_id))
+        now = self.clock()
+        return await self.run(lambda conn: requeue_dead(conn, row_id, now))
 
     async def drop(self, row_id: int) -> tuple[str, str] | None:
         """Delete a dead or pending row an operator gave up on: (status, sink id) or None."""
@@ -1024,9 +1046,12 @@ def load_alerts(conn: sqlite3.Connection) -> dict[str, AlertState]:
     }
 
 
-def requeue_dead(conn: sqlite3.Connection, row_id: int | None) -> list[OutboxRow]:
-    """Dead → pending, attempts reset, due now. Works from the CLI's own connection too."""
-    now = time.time()
+def requeue_dead(
+    conn: sqlite3.Connection, row_id: int | None, now: float | None = None
+) -> list[OutboxRow]:
+    """Dead → pending, attempts reset, due ``now`` (the schedule clock's time; the wall
+    clock offline). Works from the CLI's own connection too."""
+    now = time.time() if now is None else now
     if row_id is None:
         ids = [r["id"] for r in conn.execute("SELECT id FROM outbox WHERE status = 'dead'")]
     else:

@@ -335,7 +335,7 @@ async def status_json(bridge: Bridge) -> dict[str, Any]:
     return {
         "version": __version__,
         "site": bridge.config.site,
-        "uptime_s": round(bridge.clock() - bridge.started_at, 1),
+        "uptime_s": round(bridge.mono() - bridge.started_at, 1),
         "ready": not readiness(bridge),
         "reasons": readiness(bridge),
         "store": {"path": str(bridge.store.path), "ok": bridge.health.store_ok},
