@@ -4,8 +4,9 @@
   close never overtakes its open. Lanes never wait for each other; a lane exists only
   while it has rows, as one task in the dispatcher's TaskGroup.
 - Every sink has a token bucket (its ``rate`` and ``burst``) shared by its lanes, and a
-  pause: a 429 stops the whole sink until its Retry-After (or backoff) has passed. A
-  fresh press may borrow from the bucket, so it never waits behind a draining backlog.
+  pause: a 429 stops the whole sink until its Retry-After (or backoff) has passed. Lanes
+  take turns at a sink (``SinkGate``): a live press first, then round robin, so a live
+  press never waits behind another key's backlog and no lane starves another.
 - Retry or dead-letter is decided by ``delivery.classify``; the delay by
   ``delivery.next_delay`` (full jitter, Retry-After as a minimum). Rows older than
   ``max_age`` are dead-lettered, never dropped. Every outcome is written to the store
@@ -21,7 +22,7 @@ import asyncio
 import random
 import sqlite3
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -35,7 +36,6 @@ from flicbridge.store import OutboxRow, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
-FRESH = 60.0  # seconds: a row this young on its first attempt is a live press, not backlog
 WINDOW = 32  # rows of one lane held in memory; the rest of a backlog stays on disk
 CLOCK_CHECK = 1.0  # seconds between checks for a wall-clock step while nothing else reads it
 
@@ -52,33 +52,83 @@ class DeliveryListener(Protocol):
 
 @dataclass
 class SinkGate:
-    """Pacing and pause state of one sink, shared by all its lanes."""
+    """Pacing, turns and pause of one sink, shared by all its lanes.
+
+    A lane asks for a turn (``turn``) before each attempt and waits in line. Lanes holding a
+    live press (the first row of a lane that had nothing waiting) stand in the first line,
+    every other lane in the second, each in arrival order. A lane goes to the back of its
+    line for its next row, so turns go round the lanes: a lane of 1,000 rows and a lane of 5
+    alternate (round robin), and a live press waits for no other key's backlog.
+
+    A turn is granted only while the sink is not paused and its token bucket (``rate``,
+    ``burst``) has a token, so over any window of T seconds the sink gets at most
+    rate × T + burst requests, live presses included; a pause (429) holds every line.
+    """
 
     rate: float
     burst: int
+    clock: Callable[[], float]  # the dispatcher's schedule clock
     tokens: float = 0.0
     updated: float = 0.0
     paused_until: float = 0.0
     last_success: float | None = None
     last_error: str | None = None
     failing_since: float | None = None
+    live: deque[asyncio.Future[bool]] = field(default_factory=deque)
+    waiting: deque[asyncio.Future[bool]] = field(default_factory=deque)
+    _timer: asyncio.TimerHandle | None = None
 
-    def wait_for_token(self, now: float, urgent: bool = False) -> float:
-        """Take a token if one is there (return 0) or say how long until one is.
+    def turn(self, live: bool) -> asyncio.Future[bool]:
+        """A future that says True when it is this lane's turn (False: ``withdraw``-n)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        (self.live if live else self.waiting).append(future)
+        self._grant()
+        return future
 
-        An ``urgent`` row (a fresh press) may borrow up to ``burst`` tokens ahead, so a
-        panic press is never paced behind another button's backlog; the debt slows the
-        backlog afterwards, keeping the long-run rate.
-        """
+    @staticmethod
+    def withdraw(future: asyncio.Future[bool] | None) -> None:
+        """Leave the line (the lane is stopping, or its head row was dropped)."""
+        if future is not None and not future.done():
+            future.set_result(False)
+
+    def pause(self, until: float) -> None:
+        self.paused_until = max(self.paused_until, until)
+
+    def take(self, now: float) -> float:
+        """Take a token if one is there (return 0) or say how long until one is."""
         if self.updated == 0.0:
             self.tokens, self.updated = float(self.burst), now
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.updated) * self.rate)
         self.updated = now
-        floor = 1.0 - self.burst if urgent else 1.0
-        if self.tokens >= floor:
+        if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
-        return (floor - self.tokens) / self.rate
+        return (1.0 - self.tokens) / self.rate
+
+    def _grant(self) -> None:
+        """Grant every turn the bucket allows now; wake up again when the next one can go."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while True:
+            line = self._line()
+            if line is None:
+                return
+            now = self.clock()
+            wait = self.paused_until - now if self.paused_until > now else self.take(now)
+            if wait > 0:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._grant)
+                return
+            line.popleft().set_result(True)
+
+    def _line(self) -> deque[asyncio.Future[bool]] | None:
+        """The line whose head goes next (live first), with finished waiters dropped."""
+        for line in (self.live, self.waiting):
+            while line and line[0].done():  # withdrawn, or its lane was cancelled
+                line.popleft()
+            if line:
+                return line
+        return None
 
     def shift(self, delta: float) -> None:
         """Move this gate's times with a step of the schedule clock."""
@@ -107,6 +157,11 @@ class Lane:
     loading: bool = False
     arrived: list[OutboxRow] = field(default_factory=list)  # added while a page loads
     oldest: float | None = None  # created_at of the oldest row while none is in memory
+    turn: asyncio.Future[bool] | None = None  # its place in the sink's line, while waiting
+
+    def idle(self) -> bool:
+        """Nothing waiting: a row added now is a live press."""
+        return not (self.rows or self.on_disk or self.loading or self.arrived)
 
 
 class Dispatcher:
@@ -135,7 +190,10 @@ class Dispatcher:
         self.listener = listener
         self.schedule = clock or ScheduleClock()
         self.rng = rng or random.Random()
-        self.gates = {sid: SinkGate(rate=s.rate, burst=s.burst) for sid, s in sinks.items()}
+        self.gates = {
+            sid: SinkGate(rate=s.rate, burst=s.burst, clock=self.now) for sid, s in sinks.items()
+        }
+        self._live: set[int] = set()  # ids of rows that are live presses (``SinkGate``)
         self.lanes: dict[tuple[str, str], Lane] = {}
         self.pending: dict[str, int] = dict.fromkeys(sinks, 0)
         self._forgotten: set[int] = set()
@@ -195,6 +253,8 @@ class Dispatcher:
                 lane = self.lanes[key] = Lane()
                 if self._running:
                     self._spawn(key, lane)
+            if lane.idle() and row.attempts == 0:
+                self._live.add(row.id)
             self._place(lane, row)
             lane.wake.set()
 
@@ -276,9 +336,12 @@ class Dispatcher:
         """An operator dropped a pending row: stop trying it (an attempt in flight ends)."""
         self._forgotten.add(row_id)
         self.pending[sink_id] = max(0, self.pending.get(sink_id, 0) - 1)
+        self._live.discard(row_id)
         for lane in self.lanes.values():
             for row in list(lane.rows):
                 if row.id == row_id:
+                    if lane.rows[0] is row:
+                        SinkGate.withdraw(lane.turn)
                     lane.rows.remove(row)
                     lane.wake.set()
                     return
@@ -301,6 +364,7 @@ class Dispatcher:
         """Start no new attempt; let attempts in flight finish or time out."""
         self._stopping = True
         for lane in self.lanes.values():
+            SinkGate.withdraw(lane.turn)
             lane.wake.set()
         try:
             async with asyncio.timeout(grace if grace is not None else self.timeout + 1):
@@ -346,16 +410,18 @@ class Dispatcher:
                     await self._dead(bound, row, outcome)
                     _remove_head(lane, row)
                     continue
-                wait = max(row.next_attempt_at, gate.paused_until) - now
+                wait = row.next_attempt_at - now
                 if wait > 0:
                     await self._sleep(lane, wait)
                     continue
-                urgent = row.attempts == 0 and now - row.created_at < FRESH
-                token_wait = gate.wait_for_token(now, urgent)
-                if token_wait > 0:
-                    await self._sleep(lane, token_wait)
-                    continue
-                await self._attempt(bound, sink, gate, lane, row)
+                lane.turn = gate.turn(live=row.id in self._live)
+                try:
+                    granted = await lane.turn
+                finally:
+                    lane.turn = None
+                if not granted or not lane.rows or lane.rows[0].id != row.id:
+                    continue  # stopping, or the row was dropped while it waited
+                await self._attempt(bound, sink, gate, lane, lane.rows[0])
         finally:
             idle = not lane.rows and not lane.on_disk
             if self.lanes.get(key) is lane and idle:
@@ -385,6 +451,7 @@ class Dispatcher:
             self._session = aiohttp.ClientSession(connector=connector)
         self._in_flight += 1
         self._idle.clear()
+        self._live.discard(row.id)  # a retry is backlog
         try:
             outcome = await attempt(
                 self._session, sink, row.message, sink.config.timeout or self.timeout
@@ -423,7 +490,7 @@ class Dispatcher:
             gate.failing_since = now
         delay = next_delay(outcome, row.attempts, self.backoff_initial, self.backoff_max, self.rng)
         if outcome.pause_sink:
-            gate.paused_until = max(gate.paused_until, now + delay)
+            gate.pause(now + delay)
         retry_at = now + delay
         await self.store.schedule_retry(row.id, attempts, retry_at, outcome.status, outcome.detail)
         row = replace(
