@@ -1,4 +1,5 @@
-"""``python -m benchmarks [latency|burst|idle|growth|all] [--quick] [--json FILE]``."""
+"""``python -m benchmarks [NAME|all] [--quick] [--json FILE]``; NAME: latency, burst, idle,
+growth, fairness, pi-disk."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks import scenarios
+from benchmarks import pacing, scenarios
 from flicbridge import logs
 
 BENCHMARKS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
@@ -19,6 +20,8 @@ BENCHMARKS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
     "burst": scenarios.burst,
     "idle": scenarios.idle,
     "growth": scenarios.growth,
+    "fairness": pacing.fairness,
+    "pi-disk": pacing.pi_disk,
 }
 
 Row = tuple[str, str, str, str, str]
@@ -118,6 +121,65 @@ def rows_for(name: str, r: dict[str, Any]) -> list[Row]:
         out.append(("p99 100 vs 1 button", "", "", f"{r['p99_ratio_100_to_1_buttons']}x", ""))
         out.append(("p99 100k vs 0 pending", "", "", f"{r['p99_ratio_100k_to_0_pending']}x", ""))
         return out
+    if name == "fairness":
+        out = []
+        for t in r["types"]:
+            alone, behind = t["panic_ms_no_backlog"], t["panic_ms_behind_backlog"]
+            out.append(
+                (
+                    f"{t['type']} ({t['rate_per_s']:g}/s): panic press max, behind 200 rows",
+                    f"{behind['max_ms']} ms (p50 {behind['p50_ms']})",
+                    f"{alone['max_ms']} ms no backlog",
+                    f"{t['panic_max_ratio_backlog_to_none']}x",
+                    f"≤ next token ({round(1000 / t['rate_per_s'] + 100)} ms): "
+                    f"{_yes(behind['max_ms'] <= 1000 / t['rate_per_s'] + 100)}",
+                )
+            )
+            out.append(
+                (
+                    f"{t['type']}: busiest {t['window_s']:g} s window",
+                    f"{t['busiest_window_requests']} requests",
+                    f"limit {t['window_limit']:g}",
+                    "",
+                    f"within: {_yes(t['busiest_window_requests'] <= t['window_limit'])}",
+                )
+            )
+        return out
+    if name == "pi-disk":
+        if "skipped" in r:
+            return [("pi-disk", "skipped", r["skipped"], "", "")]
+        slow, plain, d = r["burst_slow_disk"], r["burst_plain_disk"], r["drain_2000_slow_disk"]
+        floor = r["one_full_commit_ms"]
+        return [
+            (
+                f"{slow['presses']}-press burst, fsync +20 ms: all delivered",
+                f"{slow['delivered_s']} s",
+                f"{plain['delivered_s']} s plain disk",
+                f"{r['burst_ratio_slow_to_plain']}x",
+                f"≤1.5 s: {_yes(slow['delivered_s'] <= 1.5)}",
+            ),
+            (
+                "panic press inside the burst",
+                f"{slow['panic_ms']} ms",
+                f"{plain['panic_ms']} ms plain; one commit {floor['slow_disk']} ms",
+                "",
+                f"≤60 ms: {_yes(slow['panic_ms'] <= 60)}",
+            ),
+            (
+                "/healthz during the burst (p99 / max)",
+                f"{slow['healthz_ms']['p99']} / {slow['healthz_ms']['max']} ms",
+                f"{plain['healthz_ms']['p99']} / {plain['healthz_ms']['max']} ms plain",
+                "",
+                f"≤20 ms: {_yes(slow['healthz_ms']['max'] <= 20)}",
+            ),
+            (
+                "RSS after a 2,000-row drain",
+                f"{d['rss_mb_after_drain']} MB (peak {d['peak_rss_mb']})",
+                f"{d['rss_mb_idle']} MB idle",
+                "",
+                f"≤60 MB: {_yes(d['rss_mb_after_drain'] <= 60)}",
+            ),
+        ]
     return []
 
 
