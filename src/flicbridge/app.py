@@ -11,6 +11,7 @@ import asyncio
 import functools
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -171,6 +172,7 @@ class Bridge:
         self._reuse_id: str | None = None
         self.lost = 0  # presses neither committed nor spilled: the exit status says so
         self._replay: asyncio.Task[None] | None = None  # a replay started on store recovery
+        self._committing: Counter[str] = Counter()  # alert key → its commits not yet settled
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -455,7 +457,14 @@ class Bridge:
         previous = self.states.get(after.alert_key)
         started = time.perf_counter()
         steps = self.dispatcher.steps  # the rows' times are on the schedule clock as of now
-        committed = self.store.commit_event(event, after, messages, callback=callback)
+        # A live press (nothing of its key waiting for the disk) is committed ahead of
+        # other keys' writes: a burst from other buttons does not delay it.
+        key = after.alert_key
+        urgent = not self._committing[key]
+        committed = self.store.commit_event(
+            event, after, messages, callback=callback, urgent=urgent
+        )
+        self._committing[key] += 1
         self.states[after.alert_key] = after  # after commit_event: a refusal moves nothing
         held_id = self._hold(signal)
         result: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
@@ -463,6 +472,9 @@ class Bridge:
         result.add_done_callback(self._pending.discard)
 
         def on_commit(done: asyncio.Future[Committed]) -> None:
+            self._committing[key] -= 1
+            if not self._committing[key]:
+                del self._committing[key]
             try:
                 settle(done)
             except Exception as exc:  # never leave a caller waiting on a bug of ours

@@ -37,7 +37,6 @@ from flicbridge.store import OutboxRow, Store, StoreError
 log = structlog.get_logger(__name__)
 
 WINDOW = 32  # rows of one lane held in memory; the rest of a backlog stays on disk
-MARKS_IN_FLIGHT = 8  # a lane's delivered marks not yet committed while it sends the next rows
 CLOCK_CHECK = 1.0  # seconds between checks for a wall-clock step while nothing else reads it
 
 
@@ -159,7 +158,6 @@ class Lane:
     arrived: list[OutboxRow] = field(default_factory=list)  # added while a page loads
     oldest: float | None = None  # created_at of the oldest row while none is in memory
     turn: asyncio.Future[bool] | None = None  # its place in the sink's line, while waiting
-    marks: deque[asyncio.Future[None]] = field(default_factory=deque)  # not yet committed
 
     def idle(self) -> bool:
         """Nothing waiting: a row added now is a live press."""
@@ -468,7 +466,10 @@ class Dispatcher:
         attempts = row.attempts + 1
         if outcome.kind == "delivered":
             gate.last_success, gate.failing_since = now, None
-            await self._mark(lane, row, outcome.status)
+            # Committed before the lane sends its next row: after a crash only this row can
+            # be sent again, never an older one after a newer (which could re-open a
+            # closed alert at the platform).
+            await self.store.mark_delivered(row.id, outcome.status)
             latency = now - row.message.pressed_at.timestamp()
             bound.info(
                 "delivered",
@@ -517,18 +518,6 @@ class Dispatcher:
         if self.listener:
             self.listener.retrying(row, outcome, delay)
 
-    async def _mark(self, lane: Lane, row: OutboxRow, status: int | None) -> None:
-        """Record a delivery without waiting for its commit (the lane sends its next row
-        meanwhile), keeping at most MARKS_IN_FLIGHT per lane, and one while the store is
-        failing so that marks do not crowd presses out of the store's hold. A kill before
-        the commit delivers the row again after the restart: at least once, as always."""
-        mark = self.store.mark_delivered(row.id, status)
-        mark.add_done_callback(_report_mark)
-        lane.marks.append(mark)
-        depth = MARKS_IN_FLIGHT if self.store.healthy else 1
-        while lane.marks and (len(lane.marks) >= depth or lane.marks[0].done()):
-            await lane.marks.popleft()
-
     async def _dead(
         self, bound: structlog.typing.FilteringBoundLogger, row: OutboxRow, outcome: Outcome
     ) -> None:
@@ -568,11 +557,6 @@ def _moved(row: OutboxRow, delta: float) -> OutboxRow:
     return replace(
         row, created_at=row.created_at + delta, next_attempt_at=row.next_attempt_at + delta
     )
-
-
-def _report_mark(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        log.error("delivered_mark_failed", error=str(exc))
 
 
 def _report_rebase(future: asyncio.Future[None]) -> None:

@@ -43,11 +43,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -58,6 +59,18 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
+
+
+class Job(NamedTuple):
+    """One queued write. An ``urgent`` job (a live press) goes into the next transaction
+    ahead of jobs queued before it, but never ahead of a ``barrier`` (a clock-step shift,
+    whose place in the order matters to every time written after it)."""
+
+    op: Op
+    future: asyncio.Future[Any]
+    urgent: bool = False
+    barrier: bool = False
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -484,7 +497,7 @@ class Store:
         self.last_error = ""
         self.commits = 0
         self._on_health = on_health
-        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
@@ -575,35 +588,38 @@ class Store:
     def _writer(self) -> None:
         assert self._conn is not None
         conn = self._conn
+        waiting: deque[Job] = deque()  # taken off the queue, not yet in a transaction
+        stop = False
         while True:
-            try:
-                first = self._queue.get(timeout=IDLE_CHECK)
-            except queue.Empty:
-                try:  # idle: still notice a store deleted or replaced under us
-                    self._check_identity()
-                except sqlite3.OperationalError as exc:
-                    self._report(False, str(exc))
-                continue
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
+            if not waiting:
+                if stop:
+                    return
+                try:
+                    first = self._queue.get(timeout=IDLE_CHECK)
+                except queue.Empty:
+                    try:  # idle: still notice a store deleted or replaced under us
+                        self._check_identity()
+                    except sqlite3.OperationalError as exc:
+                        self._report(False, str(exc))
+                    continue
+                if first is None:
+                    return
+                waiting.append(first)
+            while not stop:  # everything queued meanwhile, so an urgent job can go first
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stop = True
-                    break
-                batch.append(item)
+                else:
+                    waiting.append(item)
+            batch = [(job.op, job.future) for job in _next_batch(waiting, self.max_batch)]
             if self._abandoned:  # an earlier operation failed at close: none after it commits
                 for _, future in batch:
                     self._resolve(future, None, StoreError("store unavailable at close"))
             else:
                 self._run_batch(conn, batch)
-            if stop:
-                return
 
     def _run_batch(
         self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
@@ -685,13 +701,19 @@ class Store:
 
         self._loop.call_soon_threadsafe(settle)
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self,
+        op: Callable[[sqlite3.Connection], T],
+        *,
+        urgent: bool = False,
+        barrier: bool = False,
+    ) -> asyncio.Future[T]:
         """Queue ``op`` for the writer thread; the future resolves after its commit."""
         if self._thread is None or self._loop is None:
             raise StoreError("the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._unsettled += 1
-        self._queue.put((op, future))
+        self._queue.put(Job(op, future, urgent, barrier))
         return future
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -729,12 +751,15 @@ class Store:
         messages: Iterable[tuple[str, Message]],
         *,
         callback: tuple[str, str] | None = None,
+        urgent: bool = False,
     ) -> asyncio.Future[Committed]:
         """Write an event, its alert state and one pending row per (sink id, message).
 
         ``messages`` may refer to the event id through ``Message.event`` = 0: the row's
         payload gets the real id. With ``callback`` = (source, event id) a repeat of a
         callback already recorded writes nothing and returns ``duplicate=True``.
+        ``urgent``: a live press, committed ahead of writes queued before it (the caller
+        makes sure none of them is for the same alert key).
         """
         self._refuse_when_full()
         pending = list(messages)
@@ -791,7 +816,7 @@ class Store:
                 )
             return Committed(event_id=event_id, rows=tuple(rows))
 
-        return self.submit(op)
+        return self.submit(op, urgent=urgent)
 
     def mark_delivered(self, row_id: int, status: int | None) -> asyncio.Future[None]:
         """The row reached its sink; keep it as bounded history."""
@@ -863,7 +888,7 @@ class Store:
                 (delta, delta),
             )
 
-        return self.submit(op)
+        return self.submit(op, barrier=True)
 
     async def pending(self) -> list[OutboxRow]:
         """Every pending row in id order (start-up and re-queue)."""
@@ -998,6 +1023,25 @@ class Store:
             }
 
         return await self.read(op)  # the reader: a store that cannot commit still starts
+
+
+def _next_batch(waiting: deque[Job], limit: int) -> list[Job]:
+    """The jobs of the next transaction, taken off ``waiting``: the urgent ones queued
+    before the first barrier, alone (a live press does not wait for a long batch), else up
+    to ``limit`` jobs in order."""
+    urgent: list[Job] = []
+    for job in waiting:
+        if job.barrier or len(urgent) >= limit:
+            break
+        if job.urgent:
+            urgent.append(job)
+    if urgent:
+        taken = {id(job) for job in urgent}
+        rest = [job for job in waiting if id(job) not in taken]
+        waiting.clear()
+        waiting.extend(rest)
+        return urgent
+    return [waiting.popleft() for _ in range(min(limit, len(waiting)))]
 
 
 def _write_probe(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,81 @@
+"""A live press is committed ahead of other buttons' queued writes, never ahead of its own
+key's earlier writes, and never across a clock-step shift.
+
+The writer thread is held by an operation that waits on a threading.Event, so that every
+write queued meanwhile is waiting when it is released: what is asserted is the order the
+real store commits them in (event ids and the order the futures resolve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+from flicbridge.config import Config
+from flicbridge.domain import Signal, SignalState, utcnow
+from tests.conftest import make_config, running
+
+
+def config(tmp_path: Path) -> Config:
+    buttons = [{"id": f"busy{i}", "source": "ingest"} for i in range(10)]
+    buttons.append({"id": "panic", "source": "ingest"})
+    return make_config(tmp_path, buttons=buttons, alerts={"suppress_repeat_for": 0})
+
+
+def on(button: str, state: str = "On") -> Signal:
+    return Signal(button, SignalState(state), origin="api", received_at=utcnow())
+
+
+async def test_a_live_press_commits_before_a_queued_burst(tmp_path: Path) -> None:
+    async with running(config(tmp_path)) as bridge:
+        gate = threading.Event()
+        held = bridge.store.submit(lambda conn: gate.wait(10))
+        order: list[str] = []
+        burst = []
+        for i in range(200):
+            future = bridge.submit(on(f"busy{i % 10}", "On" if (i // 10) % 2 == 0 else "Off"))
+            future.add_done_callback(lambda _f: order.append("busy"))
+            burst.append(future)
+        panic = bridge.submit(on("panic"))
+        panic.add_done_callback(lambda _f: order.append("panic"))
+        gate.set()
+        await held
+        accepted = await asyncio.gather(*burst, panic)
+    # The busy buttons' first presses were live too (their keys had nothing queued); the
+    # panic press is committed with them, before the other 190 rows of the burst.
+    assert order.index("panic") <= 10, order[:20]
+    panic_id = accepted[-1].event_id
+    later = [a.event_id for a in accepted[:-1] if a.event_id > panic_id]
+    assert len(later) >= 190
+    # Each busy key's own presses kept their order (ids rise per key).
+    for b in range(10):
+        ids = [a.event_id for i, a in enumerate(accepted[:-1]) if i % 10 == b]
+        assert ids == sorted(ids)
+
+
+async def test_a_live_press_does_not_jump_a_clock_step_shift(tmp_path: Path) -> None:
+    """A rebase (a clock step's shift of pending rows) queued before a live press is
+    committed before it: the press's times, taken after the step, are not shifted."""
+    sinks = [{"id": "hook", "type": "webhook", "url": "http://127.0.0.1:1/hook"}]  # refused
+    cfg = make_config(
+        tmp_path,
+        buttons=[{"id": "busy", "source": "ingest"}, {"id": "panic", "source": "ingest"}],
+        sinks=sinks,
+        delivery={"timeout": 2, "backoff_initial": 60, "backoff_max": 60},
+    )
+    async with running(cfg) as bridge:
+        gate = threading.Event()
+        held = bridge.store.submit(lambda conn: gate.wait(10))
+        busy = bridge.submit(on("busy"))
+        rebase = bridge.store.rebase(1000.0)
+        panic = bridge.submit(on("panic"))
+        gate.set()
+        await asyncio.gather(held, rebase)
+        busy_id, panic_id = (await busy).event_id, (await panic).event_id
+        assert busy_id < panic_id  # not committed ahead of the shift, so not ahead of busy
+    with sqlite3.connect(cfg.store.path) as conn:
+        created = dict(conn.execute("SELECT event_id, created_at FROM outbox"))
+    # busy was written before the shift and moved by it; the panic press was not.
+    assert 990 < created[busy_id] - created[panic_id] < 1010
