@@ -1,5 +1,6 @@
 """Configuration: its keys, every error with its key path, secrets resolved."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,38 @@ def test_not_toml(tmp_path: Path) -> None:
     """A file that is not TOML is one clear problem, not a traceback."""
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(tmp_path, "[[buttons]\nid=")
+
+
+def test_every_commented_sink_block_of_the_example_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commented-out ``[[sinks]]`` block of config.example.toml, uncommented, is a
+    valid sink (its env: secrets set), so the example cannot drift from the loader."""
+    lines = (Path(__file__).parent.parent / "config.example.toml").read_text().splitlines()
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in lines:
+        if line.strip() == "# [[sinks]]":
+            current = []
+            blocks.append(current)
+        elif current is not None and line.startswith("# ") and "=" in line:
+            current.append(line[2:])
+        else:
+            current = None
+    types = [re.search(r'^type = "([a-z_]+)"', "\n".join(b), re.M) for b in blocks]
+    assert {t.group(1) for t in types if t} >= {
+        "opsgenie", "splunk_oncall", "incidentio", "ntfy", "pushover"
+    }  # fmt: skip
+    for number, block in enumerate(blocks):
+        text = "\n".join(block)
+        for name in re.findall(r'"env:([A-Z_]+)"', text):
+            monkeypatch.setenv(name, "https://example.invalid/k3y-1234567/x")
+        toml = (
+            f'[store]\npath = "{tmp_path / "s.db"}"\n'
+            '[[buttons]]\nid = "desk"\nsource = "ingest"\n[[sinks]]\n' + text + "\n"
+        )
+        path = tmp_path / f"sink{number}.toml"
+        path.write_text(toml)
+        config = load_config(path)
+        kind = types[number]
+        assert kind is not None and config.sinks[0].type == kind.group(1)

@@ -70,6 +70,7 @@ async def test_store_from_0_1_0_upgrades_and_delivers(tmp_path: Path, receiver: 
         assert header(path) == (APPLICATION_ID, SCHEMA_VERSION)
         assert bridge.states["lab-key"].is_open and not bridge.states["desk-key"].is_open
         assert bridge.states["desk-key"].last_event == 2
+        assert await bridge.store.receipts() == {}  # step 3's table is there, and empty
         dead = await bridge.store.rows("dead")
         assert [(r.id, r.sink_id, r.last_status) for r in dead] == [(2, "fd", 400)]
         got = await receiver.wait_for(4, timeout=15)  # the four pending rows, delivered

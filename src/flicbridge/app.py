@@ -36,6 +36,7 @@ from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
+from flicbridge.sinks.pushover import PushoverSink
 from flicbridge.spill import Spill, default_path
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
@@ -192,6 +193,7 @@ class Bridge:
         try:
             self.states = await self.store.alerts()
             self.acks = await self.store.acks()
+            pushover = await self._pushover_receipts()
             self.health_monitor.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
@@ -207,6 +209,8 @@ class Bridge:
                 extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
                 tg.create_task(self.health_monitor.run(), name="button-health")
+                for sink in pushover:
+                    tg.create_task(sink.watch(self._receipt_acknowledged), name="pushover")
                 if self.config.heartbeat.url is not None:
                     self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
                     tg.create_task(self.heartbeat.run(), name="heartbeat")
@@ -665,6 +669,28 @@ class Bridge:
             )
 
     # -- acknowledgements ------------------------------------------------------------
+
+    async def _pushover_receipts(self) -> list[PushoverSink]:
+        """Give each Pushover sink its kept receipts and a way to keep new ones."""
+        sinks = [s for s in self.sinks.values() if isinstance(s, PushoverSink)]
+        kept = await self.store.receipts() if sinks else {}
+        for sink in sinks:
+            sink.receipts.update(kept.get(sink.id, {}))
+            sink.remember = functools.partial(self._keep_receipt, sink.id)
+        return sinks
+
+    def _keep_receipt(self, sink_id: str, alert_key: str, receipt: str | None) -> None:
+        saved = self.store.save_receipt(sink_id, alert_key, receipt)
+        self._persist(saved, "receipt_save_failed", f"{sink_id}/{alert_key}")
+
+    def _receipt_acknowledged(self, alert_key: str, by: str, at: datetime | None) -> None:
+        """Pushover says someone acknowledged the emergency message of ``alert_key``."""
+        state = self.states.get(alert_key)
+        button = self.button_config.get(state.button_id) if state else None
+        if button is None or self.config.alert_key(button) != alert_key:
+            log.info("ack_ignored_not_a_button_alert", alert_key=alert_key, source="pushover")
+            return
+        self.acknowledge(button.id, by, at, source="pushover")
 
     def acknowledge(
         self, button_id: str, by: str, at: datetime | None = None, *, source: str

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -286,6 +287,30 @@ class NtfySink(_SinkBase):
     token: Secret | None = None
 
 
+class PushoverSink(_SinkBase):
+    type: Literal["pushover"]
+    url: Secret = SecretStr("https://api.pushover.net/1/")  # the API base
+    token: Secret  # the application's API token
+    user: Secret  # the user or group key
+    # An emergency (critical) message repeats every ``retry`` until acknowledged or until
+    # ``expire`` has passed: Pushover's own bounds.
+    retry: Annotated[Duration, Field(ge=30.0, le=10800.0)] = 60.0
+    expire: Annotated[Duration, Field(ge=30.0, le=10800.0)] = 3600.0
+    # How often an emergency message's receipt is asked whether someone acknowledged it
+    # (Pushover asks for no more than once every 5 s).
+    poll: Annotated[Duration, Field(ge=5.0, le=3600.0)] = 30.0
+    sound: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,32}$")] | None = None
+
+    @model_validator(mode="after")
+    def _retry_within_expire(self) -> PushoverSink:
+        if self.retry > self.expire:
+            raise ValueError(
+                f"retry ({self.retry:g} s) is longer than expire ({self.expire:g} s): "
+                "the emergency message would never repeat"
+            )
+        return self
+
+
 SinkConfig = Annotated[
     AlertOpsSink
     | WebhookSink
@@ -295,7 +320,8 @@ SinkConfig = Annotated[
     | OpsgenieSink
     | SplunkOnCallSink
     | IncidentIoSink
-    | NtfySink,
+    | NtfySink
+    | PushoverSink,
     Field(discriminator="type"),
 ]
 SINK_TYPES = (
@@ -308,6 +334,7 @@ SINK_TYPES = (
     "splunk_oncall",
     "incidentio",
     "ntfy",
+    "pushover",
 )
 
 

@@ -22,10 +22,13 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
 import aiohttp
+import structlog
 from pydantic import SecretStr
 
 from flicbridge.domain import Message
 from flicbridge.sinks.base import Sink
+
+log = structlog.get_logger(__name__)
 
 RETRY_AFTER_CAP = 3600.0  # a Retry-After is honoured up to one hour
 BODY_LIMIT = 64 * 1024  # enough for any error document; a huge answer is not read on
@@ -222,9 +225,15 @@ async def attempt(
             allow_redirects=False,
         ) as response:
             body = await _read_bounded(response, BODY_LIMIT)
-            return classify(sink, response.status, response.headers, body)
+            outcome = classify(sink, response.status, response.headers, body)
     except Exception as exc:  # CancelledError is a BaseException: it propagates
         return classify_exception(sink, exc)
+    if outcome.kind == "delivered":
+        try:
+            sink.on_delivered(message, body)
+        except Exception:  # what a later message needs is lost, never the delivery
+            log.exception("sink_on_delivered_failed", sink=sink.id)
+    return outcome
 
 
 # -- backoff ---------------------------------------------------------------------------

@@ -188,9 +188,19 @@ def _step_2_acknowledgements(conn: sqlite3.Connection) -> None:
     conn.execute(ACKS_DDL)
 
 
+def _step_3_receipts(conn: sqlite3.Connection) -> None:
+    """A reference a platform answered with that a later message needs (Pushover's
+    receipt of an emergency message, which a close cancels and the bridge polls)."""
+    conn.execute(
+        "CREATE TABLE receipts (sink_id TEXT NOT NULL, alert_key TEXT NOT NULL,"
+        " receipt TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (sink_id, alert_key))"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _step_1_base_schema,
     _step_2_acknowledgements,
+    _step_3_receipts,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1023,6 +1033,39 @@ class Store:
             }
 
         return await self.read(op)  # the reader: a store that cannot commit still starts
+
+    def save_receipt(
+        self, sink_id: str, alert_key: str, receipt: str | None
+    ) -> asyncio.Future[None]:
+        """Keep (or, with None, forget) the platform's receipt for an alert key."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            if receipt is None:
+                conn.execute(
+                    "DELETE FROM receipts WHERE sink_id = ? AND alert_key = ?", (sink_id, alert_key)
+                )
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO receipts (sink_id, alert_key, receipt, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (sink_id, alert_key, receipt, now),
+                )
+
+        return self.submit(op)
+
+    async def receipts(self) -> dict[str, dict[str, str]]:
+        """Kept receipts: sink id → alert key → receipt (read at start)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, str]]:
+            out: dict[str, dict[str, str]] = {}
+            for sink_id, key, receipt in conn.execute(
+                "SELECT sink_id, alert_key, receipt FROM receipts"
+            ):
+                out.setdefault(sink_id, {})[key] = receipt
+            return out
+
+        return await self.read(op)
 
 
 def _next_batch(waiting: deque[Job], limit: int) -> list[Job]:

@@ -11,6 +11,7 @@ from flicbridge.sinks.incidentio import IncidentIoSink
 from flicbridge.sinks.ntfy import NtfySink
 from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
+from flicbridge.sinks.pushover import PushoverSink
 from flicbridge.sinks.splunk_oncall import SplunkOnCallSink
 from flicbridge.sinks.webhook import WebhookSink
 
@@ -26,6 +27,7 @@ SINK_CLASSES: dict[str, type[Sink]] = {
         SplunkOnCallSink,
         IncidentIoSink,
         NtfySink,
+        PushoverSink,
     )
 }
 
@@ -45,6 +47,7 @@ __all__ = [
     "NtfySink",
     "OpsgenieSink",
     "PagerDutySink",
+    "PushoverSink",
     "Sink",
     "SplunkOnCallSink",
     "WebhookSink",

@@ -59,6 +59,10 @@ class Sink(ABC):
     def build(self, message: Message) -> HttpRequest:
         """The request that delivers ``message`` to this platform."""
 
+    def on_delivered(self, message: Message, body: bytes) -> None:
+        """A 2xx answer delivered ``message``: keep what a later message needs from it."""
+        return None
+
     def success_error(self, status: int, body: bytes) -> str | None:
         """For a 2xx answer: None if it is a success, else why it is a permanent failure."""
         return None
