@@ -527,7 +527,7 @@ async def test_readyz_names_a_button_whose_channel_flicd_removed_or_refused(
     """/readyz is 503 naming the button from the removal until a new channel is live."""
     async with running_bridge(flicd_config) as bridge:
         await readyz_until(http, bridge, is_ready)
-        sim.refuse_channels(1)  # the re-created channel is refused once more
+        sim.refuse_channels(4)  # refused 4 more times: the reason lasts several backoffs
         sim.remove_channels(A, "CouldntLoadDevice")
         samples = await readyz_until(
             http, bridge, lambda s, r: any("MaxPendingConnectionsReached" in x for x in r)

@@ -14,8 +14,8 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from flicbridge.server.app import build_app
 from flicbridge.server.openapi import build_document
+from flicbridge.server.wiring import build_app
 from tests.conftest import TOKEN, Receiver, make_config, running
 
 FLASHDUTY_HEADER = "X-Flicbridge-Token"

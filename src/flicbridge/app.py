@@ -12,8 +12,8 @@ import functools
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -25,75 +25,29 @@ from flicbridge.acks import FeedbackEvent, run_feedback
 from flicbridge.alerts import AlertBus
 from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
+from flicbridge.core import Accepted, ButtonStatus, ExecToken, Health
 from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
+from flicbridge.errors import NotAccepting, TokenExpired, TokenInUse, TokenSpent, UnknownButton
 from flicbridge.health import HealthChange, HealthMonitor, health_key
 from flicbridge.heartbeat import Heartbeat
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
+from flicbridge.server.wiring import build_app
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 from flicbridge.sinks.pushover import PushoverSink
-from flicbridge.spill import Spill, default_path
+from flicbridge.spill import Spill, default_path, to_json
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
+from flicbridge.subscriptions import Subscriptions
 
 log = structlog.get_logger(__name__)
 
 TOKEN_LIFETIME = 24 * 3600.0
-
-
-class UnknownButton(LookupError):
-    """A signal named a button the configuration does not have."""
-
-
-class NotAccepting(RuntimeError):
-    """The bridge is shutting down and takes no new signals."""
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """A signal's decision, committed."""
-
-    event_id: int
-    decision: Decision
-    rows: tuple[OutboxRow, ...]
-    duplicate: bool = False
-
-
-@dataclass
-class ButtonStatus:
-    """What the bridge knows of a button's radio side."""
-
-    connected: bool | None = None
-    detail: str = ""
-    battery: int | None = None
-    battery_low: bool = False
-    last_press: str | None = None
-    last_decision: str | None = None
-
-
-@dataclass
-class ExecToken:
-    """A single-use token of an EXECUTE local alert: closes the alert it was raised for."""
-
-    button_id: str
-    event: int
-    created: float  # on the bridge's monotonic clock (wall-clock steps don't age it)
-    spent: bool = False
-    in_use: bool = False  # its action is being committed; spent only once it is
-
-
-@dataclass
-class Health:
-    store_ok: bool = True
-    store_error: str = ""
-    source_up: dict[str, bool] = field(default_factory=dict)
-    source_detail: dict[str, str] = field(default_factory=dict)
-    source_faults: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Bridge:
@@ -106,8 +60,10 @@ class Bridge:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = loop_time,
+        radio: bool = True,
     ) -> None:
         self.config = config
+        self.radio = radio  # False: no flicd or BLE source (a one-off send from the CLI)
         self.clock = clock  # the wall clock, which NTP may step (clock.py)
         # Lifetimes kept in this process (exec tokens, silence, uptime) are measured on a
         # clock NTP cannot step; schedules kept in the store, on the schedule clock.
@@ -151,7 +107,7 @@ class Bridge:
             self.metrics.queue_depth.labels(sink_id).set_function(depth)
             age = functools.partial(self._oldest_pending_age, sink_id)
             self.metrics.oldest_pending.labels(sink_id).set_function(age)
-        self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.subscriptions = Subscriptions(self.store, self.alerts_bus, config, self.dispatcher)
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None
@@ -186,8 +142,6 @@ class Bridge:
 
     async def run(self) -> None:
         """Run until ``stop``; raises StoreError when the store cannot be opened."""
-        from flicbridge.server.app import build_app
-
         await self.store.open()
         runner: web.AppRunner | None = None
         try:
@@ -206,7 +160,7 @@ class Bridge:
                 tg.create_task(self.dispatcher.run(), name="dispatcher")
                 tg.create_task(self._replay_held(), name="replay-held")
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
-                extras = [tg.create_task(f(), name="extra") for f in self.extra_tasks]
+                extras = [tg.create_task(self.subscriptions.run(), name="subscriptions")]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
                 tg.create_task(self.health_monitor.run(), name="button-health")
                 for sink in pushover:
@@ -244,6 +198,8 @@ class Bridge:
 
     def _sources(self) -> list[tuple[str, Any]]:
         coroutines: list[tuple[str, Any]] = []
+        if not self.radio:
+            return coroutines
 
         def addresses(source: str) -> dict[str, str]:
             """Address → button id of the buttons this source serves."""
@@ -865,6 +821,16 @@ class Bridge:
 
     # -- operator actions ------------------------------------------------------------
 
+    async def drop(self, row_id: int) -> bool:
+        """Delete a pending or dead row (an operator's choice); False if there is none."""
+        dropped = await self.store.drop(row_id)
+        if dropped is None:
+            return False
+        status, sink_id = dropped
+        if status == "pending":
+            self.dispatcher.forget(row_id, sink_id)
+        return True
+
     async def requeue(self, row_id: int | None) -> list[OutboxRow]:
         steps = self.dispatcher.steps
         rows = await self.store.requeue(row_id)
@@ -902,21 +868,7 @@ def press_signal(button_id: str, state: SignalState, press: Press) -> Signal:
 
 def spill_json(signal: Signal) -> dict[str, Any]:
     """A held press's content, for the ``press_lost`` log line."""
-    from flicbridge.spill import to_json
-
     return to_json(signal)
-
-
-class TokenSpent(Exception):
-    pass
-
-
-class TokenExpired(Exception):
-    pass
-
-
-class TokenInUse(Exception):
-    """Another request is committing this token's action right now."""
 
 
 class _Stopped(Exception):

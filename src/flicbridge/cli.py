@@ -20,11 +20,12 @@ import structlog
 
 from flicbridge import __version__, logs
 from flicbridge.config import Config, ConfigError, load_config
+from flicbridge.errors import FlicbridgeError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
-class CliError(Exception):
+class CliError(FlicbridgeError):
     """A failure to report in one line, with an exit code."""
 
     def __init__(self, message: str, code: int = EXIT_RUNTIME) -> None:
@@ -324,8 +325,7 @@ async def _send_in_process(config: Config, button_id: str, state: str, wait: flo
 
     server = config.server.model_copy(update={"port": 0, "host": "127.0.0.1"})
     quiet = config.model_copy(update={"server": server, "buttons": config.buttons})
-    bridge = Bridge(quiet)
-    bridge._sources = lambda: []  # type: ignore[method-assign]  # no radio for a test send
+    bridge = Bridge(quiet, radio=False)  # no radio for a test send
     outcomes: dict[int, str] = {}
     done = asyncio.Event()
 

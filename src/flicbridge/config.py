@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from flicbridge import secrecy
 from flicbridge.domain import Click, is_bd_addr
+from flicbridge.errors import FlicbridgeError
 
 # The folder relative secret files and store paths are resolved against while loading.
 _base_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_base_dir", default=None)
@@ -402,7 +403,7 @@ class Config(BaseSettings):
         return None
 
 
-class ConfigError(Exception):
+class ConfigError(FlicbridgeError):
     """A configuration that cannot be used: every problem with its key path."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple, TypeVar
 import structlog
 
 from flicbridge.domain import Message
+from flicbridge.errors import FlicbridgeError
 from flicbridge.state import AlertState
 
 log = structlog.get_logger(__name__)
@@ -152,7 +153,7 @@ class AckRecord:
     source: str
 
 
-class StoreError(Exception):
+class StoreError(FlicbridgeError):
     """The store cannot be used (corrupt, unreadable, wrong file)."""
 
 

@@ -21,6 +21,7 @@ import json
 import random
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,11 +32,15 @@ from flicbridge import __version__
 from flicbridge.alerts import LocalAlert, Priority, Subscriber
 from flicbridge.config import WebhookSink as WebhookSinkConfig
 from flicbridge.delivery import BODY_LIMIT, Outcome, classify, classify_exception, next_delay
+from flicbridge.errors import FlicbridgeError
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import Sink
 
 if TYPE_CHECKING:
-    from flicbridge.app import Bridge
+    from flicbridge.alerts import AlertBus
+    from flicbridge.config import Config
+    from flicbridge.dispatcher import Dispatcher
+    from flicbridge.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +52,7 @@ WATCH_SLACK = 0.05  # seconds the watch looks after a row is due, so that it is 
 STREAM_PATH = "/api/v1/alerts/stream"
 
 
-class TooManySubscriptions(Exception):
+class TooManySubscriptions(FlicbridgeError):
     """The bridge keeps at most ``MAX_SUBSCRIPTIONS``."""
 
 
@@ -85,8 +90,13 @@ def _subscription(row: sqlite3.Row) -> Subscription:
 class Subscriptions:
     """The subscriptions of one bridge: their table, webhook lanes and the sink watch."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+    def __init__(
+        self, store: Store, alerts_bus: AlertBus, config: Config, dispatcher: Dispatcher
+    ) -> None:
+        self.store = store
+        self.alerts_bus = alerts_bus
+        self.config = config
+        self.dispatcher = dispatcher
         self.closing = asyncio.Event()  # set when the HTTP server shuts down: streams end
         self.rng = random.Random()
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -105,7 +115,7 @@ class Subscriptions:
             channel=channel,
             min_priority=min_priority,
             url=url if channel == "webhook" else None,
-            created_at=self.bridge.clock(),
+            created_at=time.time(),
         )
 
         def op(conn: sqlite3.Connection) -> None:
@@ -118,7 +128,7 @@ class Subscriptions:
                 (sub.id, sub.channel, sub.url, sub.min_priority, sub.created_at),
             )
 
-        await self.bridge.store.run(op)
+        await self.store.run(op)
         log.info("subscription_created", subscription=sub.id, channel=channel)
         self._start(sub)
         return sub
@@ -132,7 +142,7 @@ class Subscriptions:
             cur = conn.execute("SELECT * FROM subscriptions ORDER BY created_at, id")
             return [_subscription(r) for r in cur]
 
-        return await self.bridge.store.read(op)
+        return await self.store.read(op)
 
     async def get(self, sub_id: str) -> Subscription | None:
         def op(conn: sqlite3.Connection) -> Subscription | None:
@@ -141,13 +151,13 @@ class Subscriptions:
             row = conn.execute("SELECT * FROM subscriptions WHERE id = ?", (sub_id,)).fetchone()
             return None if row is None else _subscription(row)
 
-        return await self.bridge.store.read(op)
+        return await self.store.read(op)
 
     async def delete(self, sub_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM subscriptions WHERE id = ?", (sub_id,)).rowcount > 0
 
-        deleted = await self.bridge.store.run(op)
+        deleted = await self.store.run(op)
         task = self._workers.pop(sub_id, None)
         if task is not None:
             task.cancel()
@@ -178,7 +188,7 @@ class Subscriptions:
         delay = 1.0
         while True:
             try:
-                subs = await self.bridge.store.run(_load_all)
+                subs = await self.store.run(_load_all)
             except Exception as exc:  # the store is unwell: presses matter more; try later
                 log.warning("subscriptions_not_loaded", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
@@ -193,14 +203,14 @@ class Subscriptions:
             return
         if sub.id in self._workers:
             return
-        subscriber = self.bridge.alerts_bus.subscribe(sub.min_priority)
+        subscriber = self.alerts_bus.subscribe(sub.min_priority)
         task = self._tg.create_task(self._lane(sub, subscriber), name=f"subscription:{sub.id}")
         self._workers[sub.id] = task
 
     async def _lane(self, sub: Subscription, subscriber: Subscriber) -> None:
         """Deliver one webhook subscription's alerts in order, one at a time."""
         assert sub.url is not None
-        sink = subscription_sink(sub.id, sub.url, self.bridge.config.site)
+        sink = subscription_sink(sub.id, sub.url, self.config.site)
         bound = log.bind(subscription=sub.id, url=sink.public_url)
         try:
             while True:
@@ -210,14 +220,14 @@ class Subscriptions:
                 except Exception:  # a defect here must not end the lane, nor the bridge
                     bound.exception("subscription_lane_error", alert=alert.id)
         finally:
-            self.bridge.alerts_bus.unsubscribe(subscriber)
+            self.alerts_bus.unsubscribe(subscriber)
             if self._workers.get(sub.id) is asyncio.current_task():
                 del self._workers[sub.id]
 
     async def _deliver(
         self, bound: structlog.typing.FilteringBoundLogger, sink: Sink, alert: LocalAlert
     ) -> None:
-        delivery = self.bridge.config.delivery
+        delivery = self.config.delivery
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempts = 0
@@ -255,7 +265,7 @@ class Subscriptions:
                     "Content-Type": "application/json",
                     "User-Agent": f"flicbridge/{__version__}",
                 },
-                timeout=aiohttp.ClientTimeout(total=self.bridge.config.delivery.timeout),
+                timeout=aiohttp.ClientTimeout(total=self.config.delivery.timeout),
                 allow_redirects=False,
             ) as response:
                 body = await response.content.read(BODY_LIMIT)
@@ -281,8 +291,8 @@ class Subscriptions:
 
         Returns the seconds until the next look can find something new.
         """
-        dispatcher = self.bridge.dispatcher
-        now = self.bridge.clock()
+        dispatcher = self.dispatcher
+        now = dispatcher.now()  # pending rows' times are on the dispatcher's schedule clock
         depth = dispatcher.depth()
         wait = FAILING_AFTER
         for sink_id, oldest in dispatcher.oldest().items():
@@ -308,7 +318,7 @@ class Subscriptions:
                 oldest_s=round(age),
                 last_error=last_error,
             )
-            self.bridge.alerts_bus.publish(
+            self.alerts_bus.publish(
                 "ERROR",
                 "MESSAGE",
                 "HIGH",

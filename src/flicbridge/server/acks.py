@@ -30,11 +30,12 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from flicbridge.server.app import BRIDGE, MAX_BODY, ApiError, find_button, parse, read_json
+from flicbridge.server.app import find_button
 from flicbridge.server.callbacks import run_action
+from flicbridge.server.http import BRIDGE, MAX_BODY, ApiError, parse, read_json
 
 if TYPE_CHECKING:
-    from flicbridge.app import Bridge
+    from flicbridge.core import Core
     from flicbridge.store import AckRecord
 
 log = structlog.get_logger(__name__)
@@ -163,7 +164,7 @@ async def pagerduty_webhook(request: web.Request) -> web.Response:
     return web.json_response({"result": "resolved", "button": button.id, "reason": None})
 
 
-def _acknowledge(bridge: Bridge, button_id: str, by: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def _acknowledge(bridge: Core, button_id: str, by: str, ctx: dict[str, Any]) -> dict[str, Any]:
     ack = bridge.acknowledge(button_id, by, source="pagerduty")
     if ack is None:
         log.info("pagerduty_webhook_ignored", reason="alert not open", button=button_id, **ctx)

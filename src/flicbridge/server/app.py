@@ -7,101 +7,37 @@ Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx; bodies over 64
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flicbridge import __version__
 from flicbridge.domain import Signal, SignalState, utcnow
+from flicbridge.errors import NotAccepting, UnknownButton
 from flicbridge.secrecy import mask, same_secret
 from flicbridge.server import ingest
+from flicbridge.server.http import (
+    BRIDGE,
+    COMMIT_WAIT,
+    MAX_BODY,
+    ApiError,
+    error,
+    parse,
+    read_json,
+)
+from flicbridge.store import StoreError
 
 if TYPE_CHECKING:
-    from flicbridge.app import Accepted, Bridge
     from flicbridge.config import ButtonConfig
+    from flicbridge.core import Accepted, Core
 
 log = structlog.get_logger(__name__)
 
-MAX_BODY = 64 * 1024
-BRIDGE: web.AppKey[Bridge] = web.AppKey("bridge")
-COMMIT_WAIT = 30.0  # seconds a request waits for its commit before answering 503
 STATUS_READ_WAIT = 0.5  # seconds the status waits for the disk before answering from memory
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error(status: int, message: str, detail: Any = None) -> web.Response:
-    """The one error shape of the API."""
-    return web.json_response({"error": message, "detail": detail}, status=status)
-
-
-class ApiError(Exception):
-    """Raised by handlers; rendered by the middleware as a JSON error."""
-
-    def __init__(self, status: int, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
-
-
-MAX_DEPTH = 32  # nesting of a JSON body; every body the API takes is 3 levels deep or less
-BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
-
-
-def json_depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in ``raw``, counted outside strings."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return deepest
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or a 400/408/413 ApiError; every JSON route reads here."""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "body too large", f"at most {MAX_BODY} bytes") from None
-    except TimeoutError:
-        raise ApiError(408, "body too slow", f"send it within {BODY_TIMEOUT:g} s") from None
-    if json_depth(raw) > MAX_DEPTH:
-        raise ApiError(400, "body is nested too deeply", f"at most {MAX_DEPTH} levels")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "body is not valid JSON", str(exc)[:200]) from None
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], data: Any) -> M:
-    """Validate a JSON body against a pydantic model, or a 400 ApiError with every problem."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]}
-            for e in exc.errors()
-        ]
-        raise ApiError(400, "invalid body", problems) from None
 
 
 @web.middleware
@@ -208,10 +144,8 @@ class IngestBody(BaseModel):
 # -- helpers ---------------------------------------------------------------------------
 
 
-def submit(bridge: Bridge, signal: Signal, **kwargs: Any) -> asyncio.Future[Accepted]:
+def submit(bridge: Core, signal: Signal, **kwargs: Any) -> asyncio.Future[Accepted]:
     """``bridge.submit`` with its refusals as the API's errors (503 / 404 / 503)."""
-    from flicbridge.app import NotAccepting, UnknownButton
-    from flicbridge.store import StoreError
 
     try:
         return bridge.submit(signal, **kwargs)
@@ -223,7 +157,7 @@ def submit(bridge: Bridge, signal: Signal, **kwargs: Any) -> asyncio.Future[Acce
         raise ApiError(503, "store unavailable", str(exc)) from None
 
 
-async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any]:
+async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> dict[str, Any]:
     """Submit a signal and wait for its commit; JSON of the decision."""
     future = submit(bridge, signal, **kwargs)
     try:
@@ -243,7 +177,7 @@ async def accept(bridge: Bridge, signal: Signal, **kwargs: Any) -> dict[str, Any
     }
 
 
-def find_button(bridge: Bridge, name: str) -> ButtonConfig | None:
+def find_button(bridge: Core, name: str) -> ButtonConfig | None:
     """A button by id, ingest_name, name_id or alert key (case-insensitive)."""
     wanted = name.strip().casefold()
     for button in bridge.config.buttons:
@@ -260,7 +194,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
-def readiness(bridge: Bridge) -> list[str]:
+def readiness(bridge: Core) -> list[str]:
     """Why the bridge is not ready; empty when it is."""
     reasons = []
     if not bridge.health.store_ok:
@@ -289,7 +223,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
-async def status_json(bridge: Bridge) -> dict[str, Any]:
+async def status_json(bridge: Core) -> dict[str, Any]:
     """The status document shared by the API, the page and ``flicbridge status``."""
     counts = await bridge.store.counts_within(STATUS_READ_WAIT)  # memory if the disk stalls
     depth = bridge.dispatcher.depth()
@@ -434,38 +368,6 @@ async def outbox_retry(request: web.Request) -> web.Response:
 async def outbox_drop(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     row_id = _row_id(request)
-    dropped = await bridge.store.drop(row_id)
-    if dropped is None:
+    if not await bridge.drop(row_id):
         raise ApiError(404, "no pending or dead row with that id", row_id)
-    status, sink_id = dropped
-    if status == "pending":
-        bridge.dispatcher.forget(row_id, sink_id)
     return web.json_response({"dropped": row_id})
-
-
-def build_app(bridge: Bridge) -> web.Application:
-    """The aiohttp application for one bridge."""
-    app = web.Application(
-        middlewares=[redact_middleware, errors_middleware, ingest.middleware, auth_middleware],
-        client_max_size=MAX_BODY,
-    )
-    app[BRIDGE] = bridge
-    app[ingest.GATE] = ingest.IngestGate(bridge.config)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/v1/status", status)
-    app.router.add_post("/api/v1/buttons/{id}/signal", button_signal)
-    app.router.add_post(ingest.PATH, ingest_flic)
-    app.router.add_get("/api/v1/outbox", outbox)
-    app.router.add_post("/api/v1/outbox/{row}/retry", outbox_retry)
-    app.router.add_delete("/api/v1/outbox/{row}", outbox_drop)
-    # Features with routes of their own, registered by hand in one place.
-    from flicbridge.server import acks, callbacks, local, openapi, page
-
-    acks.add_routes(app)
-    callbacks.add_routes(app)
-    local.add_routes(app)
-    page.add_routes(app)
-    openapi.add_routes(app)  # last: it describes every route added before it
-    return app

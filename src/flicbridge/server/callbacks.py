@@ -36,19 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from flicbridge.domain import Decision, Signal, SignalState, utcnow
 from flicbridge.secrecy import same_secret
-from flicbridge.server.app import (
-    BRIDGE,
-    COMMIT_WAIT,
-    ApiError,
-    find_button,
-    parse,
-    read_json,
-    submit,
-)
+from flicbridge.server.app import find_button, submit
+from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
 
 if TYPE_CHECKING:
-    from flicbridge.app import Bridge
     from flicbridge.config import ButtonConfig
+    from flicbridge.core import Core
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +114,7 @@ def _clip(value: str, limit: int = ACTOR_LIMIT) -> str:
 
 
 async def run_action(
-    bridge: Bridge,
+    bridge: Core,
     button: ButtonConfig,
     action: Action,
     *,
@@ -270,7 +263,7 @@ def _ilert_guard(request: web.Request) -> None:
         raise ApiError(401, "wrong or missing Authorization header", None)
 
 
-def _ilert_button(bridge: Bridge, alert: IlertAlert) -> ButtonConfig | None:
+def _ilert_button(bridge: Core, alert: IlertAlert) -> ButtonConfig | None:
     """The button of an iLert alert: its ``alertKey``, else its ``flic_button`` label."""
     names: list[Any] = [alert.alertKey]
     if alert.labels:
@@ -434,7 +427,7 @@ def _flashduty_names(incident: FlashdutyIncident) -> Iterable[str]:
         yield label
 
 
-def _flashduty_buttons(bridge: Bridge, incident: FlashdutyIncident) -> list[ButtonConfig]:
+def _flashduty_buttons(bridge: Core, incident: FlashdutyIncident) -> list[ButtonConfig]:
     """Every known button the incident names, in order, each once."""
     found: dict[str, ButtonConfig] = {}
     for name in _flashduty_names(incident):

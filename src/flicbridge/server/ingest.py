@@ -20,6 +20,7 @@ from aiohttp import web
 
 from flicbridge.config import Config
 from flicbridge.secrecy import same_secret
+from flicbridge.server.http import error
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +89,6 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     gate = request.app[GATE]
     if request.path != PATH or not gate.enabled:
         return await handler(request)
-    from flicbridge.server.app import error  # the API's one error shape
-
     given = request.query.get("token")
     source = gate.source(given) if given else None
     if source is None:

@@ -25,9 +25,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_validator
 
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
-from flicbridge.app import TokenExpired, TokenInUse, TokenSpent
-from flicbridge.server.app import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
+from flicbridge.errors import TokenExpired, TokenInUse, TokenSpent
 from flicbridge.server.callbacks import outcome_text, run_action
+from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
 from flicbridge.store import StoreError
 from flicbridge.subscriptions import Subscriptions, TooManySubscriptions
 
@@ -297,14 +297,7 @@ async def action_exec(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the local alert routes; the subscriptions' lanes run with the bridge."""
-    bridge = app[BRIDGE]
-    subs = Subscriptions(bridge)
-    app[SUBSCRIPTIONS] = subs
-    # One lane runner per bridge, also if an application is built twice for it.
-    bridge.extra_tasks[:] = [
-        f for f in bridge.extra_tasks if not isinstance(getattr(f, "__self__", None), Subscriptions)
-    ]
-    bridge.extra_tasks.append(subs.run)
+    app[SUBSCRIPTIONS] = app[BRIDGE].subscriptions  # its lanes run with the bridge
     app.on_shutdown.append(_close_streams)
     app.router.add_post("/api/v1/subscriptions", create_subscription)
     app.router.add_get("/api/v1/subscriptions", list_subscriptions)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from flicbridge import __version__
 from flicbridge.config import Config
 from flicbridge.server.acks import AckBody, AckOut, PagerDutyDelivery, PagerDutyResult
-from flicbridge.server.app import BRIDGE, IngestBody, SignalBody
+from flicbridge.server.app import IngestBody, SignalBody
 from flicbridge.server.callbacks import (
     FlashdutyPush,
     FlashdutyResult,
@@ -28,6 +28,7 @@ from flicbridge.server.callbacks import (
     IlertActionResult,
     IlertActions,
 )
+from flicbridge.server.http import BRIDGE
 from flicbridge.server.local import (
     AlertOut,
     ExecBody,

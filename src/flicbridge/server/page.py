@@ -20,7 +20,7 @@ import secrets
 from aiohttp import web
 
 from flicbridge.secrecy import same_secret
-from flicbridge.server.app import BRIDGE
+from flicbridge.server.http import BRIDGE
 
 COOKIE = "flicbridge_token"
 POLL_MS = 1500

@@ -47,6 +47,7 @@ from typing import Any
 import structlog
 
 from flicbridge.domain import Click, Press, utcnow
+from flicbridge.errors import FlicbridgeError
 from flicbridge.sources import SourceListener
 from flicbridge.sources.flicd import backoff_delay
 
@@ -124,7 +125,7 @@ class Pairing:
         return f"Pairing(pairing_id={self.pairing_id}, serial_number={self.serial_number!r})"
 
 
-class PairingFileError(Exception):
+class PairingFileError(FlicbridgeError):
     """The pairing file exists but cannot be read or understood."""
 
 
