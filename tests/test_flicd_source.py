@@ -17,8 +17,9 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
+from flicbridge.delivery import backoff_delay
 from flicbridge.domain import Click, Press
-from flicbridge.sources.flicd import FlicdSource, backoff_delay, run_scan_wizard
+from flicbridge.sources.flicd import FlicdSource, run_scan_wizard
 from flicbridge.sources.flicd_client import connect
 from flicbridge.sources.simulator import Simulator
 from tests.conftest import make_config
@@ -384,10 +385,8 @@ async def test_scan_wizard_pairs_a_button(sim: Simulator) -> None:
 
 async def test_scan_wizard_gives_up_at_its_timeout(sim: Simulator) -> None:
     """No button in public mode: the wizard is cancelled at the timeout."""
-    recorder = Recorder()
-    source = make_source(sim.port, recorder)
     async with asyncio.timeout(3):
-        result = await source.scan_wizard(timeout=0.2)
+        result = await run_scan_wizard("127.0.0.1", sim.port, timeout=0.2)
     assert result == ("WizardCancelledByUser", None, None)
 
 

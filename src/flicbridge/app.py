@@ -282,7 +282,7 @@ class Bridge:
                 Signal(
                     button_id=button.id,
                     state=signal_state,
-                    origin=press.source if press.source == "ingest" else "press",
+                    origin="press",
                     received_at=press.received_at,
                     press=press,
                     info=press.info,

@@ -396,17 +396,17 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _parse_buttons(specs: Sequence[str]) -> dict[str, str]:
-    from flicbridge.domain import is_bd_addr
+    from flicbridge.sources.simulator import parse_button_spec
 
     buttons: dict[str, str] = {}
     for spec in specs:
-        addr, _, name = spec.partition("=")
-        addr = addr.strip().lower()
-        if not is_bd_addr(addr):
+        try:
+            addr, name = parse_button_spec(spec)
+        except ValueError:
             raise CliError(
                 f"--button {spec!r}: expected ADDR[=NAME], ADDR like 80:e4:da:70:00:01", EXIT_USAGE
-            )
-        buttons[addr] = name or f"F{addr[-5:].replace(':', '')}"
+            ) from None
+        buttons[addr] = name
     return buttons
 
 

@@ -396,12 +396,6 @@ class Config(BaseSettings):
         wanted = set(button.sinks)
         return tuple(s for s in self.sinks if s.id in wanted)
 
-    def sink(self, sink_id: str) -> SinkConfig | None:
-        for sink in self.sinks:
-            if sink.id == sink_id:
-                return sink
-        return None
-
 
 class ConfigError(FlicbridgeError):
     """A configuration that cannot be used: every problem with its key path."""

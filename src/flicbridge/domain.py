@@ -6,7 +6,7 @@ Every value here is a frozen dataclass or an enum; nothing in this module does I
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -121,7 +121,6 @@ class Message:
     event: int  # id of the press/callback event in the store
     origin: str = "press"
     queued: bool = False  # flicd's was_queued: the button held it while out of range
-    extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -131,10 +130,10 @@ class Message:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Message:
-        values = dict(data)
+        known = {f.name for f in fields(cls)}  # a row written by another version may have more
+        values = {k: v for k, v in data.items() if k in known}
         values["state"] = SignalState(values["state"])
         values["pressed_at"] = datetime.fromisoformat(values["pressed_at"])
-        values.setdefault("extra", {})
         return cls(**values)
 
     def variables(self) -> dict[str, str]:

@@ -46,10 +46,10 @@ from typing import Any
 
 import structlog
 
+from flicbridge.delivery import backoff_delay
 from flicbridge.domain import Click, Press, utcnow
 from flicbridge.errors import FlicbridgeError
 from flicbridge.sources import SourceListener
-from flicbridge.sources.flicd import backoff_delay
 
 log = structlog.get_logger(__name__)
 

@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 from pyflic import asyncio as pyflic_asyncio
 
+from flicbridge.delivery import backoff_delay
 from flicbridge.domain import Click, Press, utcnow
 from flicbridge.sources import SourceListener
 from flicbridge.sources.flicd_client import DUPLICATE_GESTURE_EVENTS, FixedFlicClient, connect
@@ -52,12 +53,6 @@ _CLICKS: dict[Any, Click] = {
     _ClickType.ButtonDoubleClick: Click.DOUBLE,
     _ClickType.ButtonHold: Click.HOLD,
 }
-
-
-def backoff_delay(attempt: int, *, initial: float, cap: float, rng: random.Random) -> float:
-    """Full-jitter delay before retry ``attempt`` (0-based): U(0, min(cap, initial·2^attempt))."""
-    ceiling = min(cap, initial * 2 ** min(attempt, 32))
-    return rng.uniform(0.0, ceiling)
 
 
 class FlicdSource:
@@ -128,14 +123,6 @@ class FlicdSource:
             else:
                 log.debug("flicd_reconnect_scheduled", delay_s=round(delay, 3), attempt=attempt)
             await asyncio.sleep(delay)
-
-    async def scan_wizard(
-        self,
-        timeout: float,  # noqa: ASYNC109  # the wizard's deadline is the caller's
-        on_progress: Callable[[str], None] | None = None,
-    ) -> tuple[str, str | None, str | None]:
-        """Pair a new button through flicd's scan wizard (see ``run_scan_wizard``)."""
-        return await run_scan_wizard(self._host, self._port, timeout, on_progress)
 
     # -- one connection -----------------------------------------------------------------
 
