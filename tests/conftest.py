@@ -24,7 +24,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from flicbridge.app import Bridge
-from flicbridge.config import Config, config_from_mapping
+from flicbridge.config import Config, ConfigError, config_from_mapping
 from flicbridge.sources.simulator import Simulator
 
 
@@ -169,6 +169,20 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     }
     data.update(overrides)
     return config_from_mapping(data, base_dir=tmp_path, source="test")
+
+
+def config_problems(tmp_path: Path, sink: dict[str, Any]) -> list[str]:
+    """The key paths a configuration with this one sink is refused for (none: accepted)."""
+    data = {
+        "store": {"path": str(tmp_path / "s.db")},
+        "buttons": [{"id": "desk", "source": "ingest"}],
+        "sinks": [sink],
+    }
+    try:
+        config_from_mapping(data, base_dir=tmp_path)
+    except ConfigError as exc:
+        return [path for path, _ in exc.problems]
+    return []
 
 
 @contextlib.asynccontextmanager

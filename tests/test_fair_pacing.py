@@ -71,8 +71,9 @@ def key_of(kind: str, arrival: Arrival) -> str:
 @pytest.mark.parametrize("kind", ["pagerduty", "ilert"])
 def test_a_live_press_overtakes_a_backlog_at_the_default_pace(tmp_path: Path, kind: str) -> None:
     """20 buttons × 10 presses queued during an outage; the platform is back; then six panic
-    presses on other buttons, 1.5 s apart. Each lands at the sink's next opportunity (one
-    token interval), while the backlog is still draining."""
+    presses on other buttons, at least 1.5 s apart, each just after a request went out.
+    Each lands at the sink's next opportunity (one token interval), while the backlog is
+    still draining."""
     rate = SINK_CLASSES[kind].default_rate
     busy = [f"busy{b}" for b in range(20)]
     panics = [f"panic{i}" for i in range(6)]
@@ -84,6 +85,10 @@ def test_a_live_press_overtakes_a_backlog_at_the_default_pace(tmp_path: Path, ki
             await backlog(bridge, platform, 20, 10)
             sent: dict[str, float] = {}
             for button in panics:
+                # Just after a request went out: the next token is a whole interval away
+                # (longer than a second at iLert's pace), the hardest moment to press.
+                seen = len(platform.arrivals)
+                await eventually(lambda n=seen: len(platform.arrivals) > n, 60)
                 sent[button] = loop().time()
                 await signal(bridge, button, "On")
                 await eventually(
@@ -157,5 +162,39 @@ def test_a_long_lane_does_not_starve_a_short_one(tmp_path: Path) -> None:
             a.body["state"] for a in platform.delivered() if a.body["alert_key"] == "long"
         ]
         assert long_states[:4] == ["On", "Off", "On", "Off"]  # per-key order kept
+
+    accelerated(main())
+
+
+def test_the_newest_live_press_goes_first_even_when_the_pace_is_slow(tmp_path: Path) -> None:
+    """At one request per 5 s, 12 buttons pressed together have used the burst and wait for
+    turns (live presses, never tried). A panic press after them waits one token interval
+    (however long it is), not for the twelve: the newest press goes first."""
+    busy = [f"busy{b}" for b in range(12)]
+
+    async def main() -> None:
+        platform = Platform()
+        await platform.start()
+        config = config_for(
+            tmp_path, "webhook", platform.url, [*busy, "panic"], rate=0.2, burst=DEFAULT_BURST
+        )
+        async with running(config) as bridge:
+            for button in busy:
+                await signal(bridge, button, "On")
+            await arrived(platform, DEFAULT_BURST, 60)
+            start = loop().time()
+            await eventually(lambda: loop().time() >= start + 3, 10)
+            sent = loop().time()
+            await signal(bridge, "panic", "On")
+            await eventually(
+                lambda: any(a.body["alert_key"] == "panic" for a in platform.delivered()), 60
+            )
+            await arrived(platform, len(busy) + 1, 600)
+        await platform.stop()
+        keys = [a.body["alert_key"] for a in platform.delivered()]
+        landed = next(a.loop_at for a in platform.delivered() if a.body["alert_key"] == "panic")
+        assert landed - sent <= 5.1, (keys, landed - sent)
+        assert keys.index("panic") == DEFAULT_BURST + 1 or keys.index("panic") == DEFAULT_BURST
+        assert sorted(keys) == sorted([*busy, "panic"])  # the others all go after it
 
     accelerated(main())

@@ -11,10 +11,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from flicbridge.config import ConfigError, config_from_mapping
-from tests.conftest import auth, cli, make_config, running
+from benchmarks.harness import Receiver
+from tests.conftest import auth, cli, config_problems, make_config, running
 from tests.test_faults import accelerated, eventually, loop
 from tests.test_sink_pipeline import settled, signal
 
@@ -24,50 +23,42 @@ RECEIPT = "rLqVuqTRh62UzxtmqiaLzQmVcPgiCy"
 
 
 class FakePushover:
-    """``/1/messages.json``, ``/1/receipts/<r>/cancel.json`` and ``/1/receipts/<r>.json``."""
+    """Answers as Pushover's API does (``/1/messages.json``, ``/1/receipts/<r>/cancel.json``,
+    ``/1/receipts/<r>.json``), as the responder of a real loopback receiver."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, body or query)
         self.receipt: dict[str, Any] = {"status": 1, "acknowledged": 0, "expired": 0}
-        self.url = ""
-        self._runner: web.AppRunner | None = None
+        self.server = Receiver(self.answer)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/1/messages.json", self.message)
-        app.router.add_post("/1/receipts/{receipt}/cancel.json", self.cancel)
-        app.router.add_get("/1/receipts/{receipt}.json", self.poll)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        await self.server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.server.stop()
 
-    async def message(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append(("POST", request.path, body))
+    def answer(self, request: Any, body: Any) -> tuple[int, Any, dict[str, str]]:
+        path = request.path
+        if request.method == "GET" and path.startswith("/1/receipts/"):
+            self.requests.append(("GET", path, dict(request.query)))
+            return 200, self.receipt, {}
+        self.requests.append((request.method, path, body))
+        if path.endswith("/cancel.json"):
+            return 200, {"status": 1, "request": "req-2"}, {}
         if body.get("user") != USER:
-            return web.json_response(
+            return (
+                400,
                 {"user": "invalid", "errors": ["user identifier is invalid"], "status": 0},
-                status=400,
+                {},
             )
         answer: dict[str, Any] = {"status": 1, "request": "req-1"}
         if body.get("priority") == 2:
             answer["receipt"] = RECEIPT
-        return web.json_response(answer)
-
-    async def cancel(self, request: web.Request) -> web.Response:
-        self.requests.append(("POST", request.path, await request.json()))
-        return web.json_response({"status": 1, "request": "req-2"})
-
-    async def poll(self, request: web.Request) -> web.Response:
-        self.requests.append(("GET", request.path, dict(request.query)))
-        return web.json_response(self.receipt)
+        return 200, answer, {}
 
     def paths(self) -> list[str]:
         return [path for _, path, _ in self.requests]
@@ -212,14 +203,7 @@ def test_an_acknowledged_receipt_is_an_acknowledgement(tmp_path: Path, logs: lis
 )
 def test_config_errors_name_the_key(tmp_path: Path, options: dict[str, Any], path: str) -> None:
     sink = {"id": "po", "type": "pushover", "token": TOKEN, "user": USER, **options}
-    data = {
-        "store": {"path": str(tmp_path / "s.db")},
-        "buttons": [{"id": "desk", "source": "ingest"}],
-        "sinks": [sink],
-    }
-    with pytest.raises(ConfigError) as caught:
-        config_from_mapping(data, base_dir=tmp_path)
-    assert path in [p for p, _ in caught.value.problems], caught.value
+    assert path in config_problems(tmp_path, sink)
 
 
 async def test_check_config_exits_2_without_the_user_key(tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from flicbridge.config import ConfigError, config_from_mapping
-from tests.conftest import Receiver, cli, make_config, running
+from tests.conftest import Receiver, cli, config_problems, make_config, running
 from tests.test_sink_pipeline import settled, signal
 
 PRESSED_FIELDS = {"pressed_at", "state_start_time", "description", "state_message", "message"}
@@ -196,14 +195,7 @@ async def test_a_permanent_refusal_is_dead_lettered_with_the_platforms_message(
 )
 def test_config_errors_name_the_key(tmp_path: Path, sink: dict[str, Any], path: str) -> None:
     """A missing credential, a bad URL or a bad topic is refused with its key path."""
-    data = {
-        "store": {"path": str(tmp_path / "s.db")},
-        "buttons": [{"id": "desk", "source": "ingest"}],
-        "sinks": [sink],
-    }
-    with pytest.raises(ConfigError) as caught:
-        config_from_mapping(data, base_dir=tmp_path)
-    assert path in [p for p, _ in caught.value.problems], caught.value
+    assert path in config_problems(tmp_path, sink)
 
 
 async def test_check_config_exits_2_for_a_new_sink_without_its_key(tmp_path: Path) -> None:

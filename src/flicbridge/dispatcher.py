@@ -37,7 +37,6 @@ from flicbridge.store import OutboxRow, Store, StoreError
 log = structlog.get_logger(__name__)
 
 WINDOW = 32  # rows of one lane held in memory; the rest of a backlog stays on disk
-LIVE_FOR = 1.0  # seconds a live press keeps the first place in its sink's line
 CLOCK_CHECK = 1.0  # seconds between checks for a wall-clock step while nothing else reads it
 
 
@@ -57,12 +56,11 @@ class SinkGate:
 
     A lane asks for a turn (``turn``) before each attempt and waits in line. Lanes holding a
     live press (the first row of a lane that had nothing waiting) stand in the first line,
-    every other lane in the last, each in arrival order. A live press still waiting after
-    LIVE_FOR (many buttons pressed at once, or a sink slower than the presses) moves to a
-    middle line: it has become backlog, but the oldest, so a newer live press goes first
-    and the older one right after, ahead of every other backlog. A lane goes to the back of
-    the last line for its next row, so turns go round the lanes: a lane of 1,000 rows and
-    a lane of 5 alternate (round robin), and a live press waits for no other key's backlog.
+    newest first: when more buttons are pressed than the sink's pace lets through (many at
+    once, or during an outage), the latest press still goes at the next opportunity and
+    the earlier ones right after it, all ahead of the backlog. Every other lane stands in
+    the second line, in arrival order, and goes to its back for its next row, so turns go
+    round the lanes: a lane of 1,000 rows and a lane of 5 alternate (round robin).
 
     A turn is granted only while the sink is not paused and its token bucket (``rate``,
     ``burst``) has a token, so over any window of T seconds the sink gets at most
@@ -78,8 +76,7 @@ class SinkGate:
     last_success: float | None = None
     last_error: str | None = None
     failing_since: float | None = None
-    live: deque[tuple[asyncio.Future[bool], float]] = field(default_factory=deque)  # since
-    late: deque[asyncio.Future[bool]] = field(default_factory=deque)  # live presses, aged
+    live: deque[asyncio.Future[bool]] = field(default_factory=deque)  # newest first
     waiting: deque[asyncio.Future[bool]] = field(default_factory=deque)
     _timer: asyncio.TimerHandle | None = None
 
@@ -87,7 +84,7 @@ class SinkGate:
         """A future that says True when it is this lane's turn (False: ``withdraw``-n)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if live:
-            self.live.append((future, self.clock()))
+            self.live.appendleft(future)
         else:
             self.waiting.append(future)
         self._grant()
@@ -129,16 +126,9 @@ class SinkGate:
             head.set_result(True)
 
     def _head(self, *, pop: bool) -> asyncio.Future[bool] | None:
-        """The waiter whose turn is next (live, then aged live, then the rest), finished
-        waiters dropped; taken out of its line with ``pop``."""
-        aged = self.clock() - LIVE_FOR
-        while self.live and (self.live[0][0].done() or self.live[0][1] < aged):
-            future, _ = self.live.popleft()
-            if not future.done():
-                self.late.append(future)
-        if self.live:
-            return self.live.popleft()[0] if pop else self.live[0][0]
-        for line in (self.late, self.waiting):
+        """The waiter whose turn is next (live presses, then the rest), finished waiters
+        dropped; taken out of its line with ``pop``."""
+        for line in (self.live, self.waiting):
             while line and line[0].done():  # withdrawn, or its lane was cancelled
                 line.popleft()
             if line:
