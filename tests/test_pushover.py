@@ -20,6 +20,7 @@ from tests.test_sink_pipeline import settled, signal
 TOKEN = "azGDORePK8gMaC0QOYAMyEEuzJnyUi"
 USER = "uQiRzpo4DXghDmr9QzzfQu27cmVRsG"
 RECEIPT = "rLqVuqTRh62UzxtmqiaLzQmVcPgiCy"
+QUIRKY = "q2xKbHvZyA5uTcM9pLwN3rEoJfG7dS"
 
 
 class FakePushover:
@@ -49,6 +50,8 @@ class FakePushover:
         self.requests.append((request.method, path, body))
         if path.endswith("/cancel.json"):
             return 200, {"status": 1, "request": "req-2"}, {}
+        if body.get("user") == QUIRKY:  # a 2xx that still says no
+            return 200, {"status": 0, "errors": ["application token is over its limit"]}, {}
         if body.get("user") != USER:
             return (
                 400,
@@ -170,12 +173,13 @@ def test_an_acknowledged_receipt_is_an_acknowledgement(tmp_path: Path, logs: lis
             polls = [r for r in fake.requests if r[0] == "GET"]
             assert len(polls) == 2 and polls[0][2] == {"token": TOKEN}
             assert "desk" not in bridge.acks
-            fake.receipt.update(acknowledged=1, acknowledged_at=1767225600)
+            acknowledged_at = int(loop().wall())
+            fake.receipt.update(acknowledged=1, acknowledged_at=acknowledged_at)
             fake.receipt.update(acknowledged_by=USER, acknowledged_by_device="iphone")
             await eventually(lambda: "desk" in bridge.acks, 60)
             ack = bridge.acks["desk"]
             assert (ack.by, ack.source) == ("Pushover (iphone)", "pushover")
-            assert ack.at.timestamp() == 1767225600
+            assert ack.at.timestamp() == acknowledged_at
             async with http.get(f"{bridge.url}/api/v1/status", headers=auth()) as response:
                 status = await response.json()
             (desk,) = [b for b in status["buttons"] if b["id"] == "desk"]
@@ -188,6 +192,36 @@ def test_an_acknowledged_receipt_is_an_acknowledgement(tmp_path: Path, logs: lis
     accelerated(main())
     text = json.dumps([dict(e) for e in logs], default=str)
     assert TOKEN not in text and USER not in text
+
+
+async def test_a_2xx_that_says_status_0_is_dead_lettered(
+    tmp_path: Path, pushover: FakePushover
+) -> None:
+    config = pushover_config(tmp_path, pushover.url, user=QUIRKY)
+    async with running(config) as bridge:
+        await signal(bridge, "On")
+        async with asyncio.timeout(10):
+            while not (dead := await bridge.store.rows("dead")):
+                await asyncio.sleep(0.02)
+    assert "over its limit" in (dead[0].last_error or "")
+
+
+def test_an_acknowledgement_older_than_the_open_is_not_taken(tmp_path: Path) -> None:
+    """A receipt acknowledged before the alert opened (an earlier open's) records nothing."""
+
+    async def main() -> None:
+        fake = FakePushover()
+        await fake.start()
+        async with running(pushover_config(tmp_path, fake.url), clock=loop().wall) as bridge:
+            fake.receipt.update(acknowledged=1, acknowledged_at=int(loop().wall()) - 3600)
+            await signal(bridge, "On")
+            await eventually(lambda: any(r[0] == "GET" for r in fake.requests), 60)
+            await asyncio.sleep(1)
+            assert "desk" not in bridge.acks
+            assert await bridge.store.receipts() == {}  # its repeats are over: not polled again
+        await fake.stop()
+
+    accelerated(main())
 
 
 @pytest.mark.parametrize(

@@ -646,6 +646,11 @@ class Bridge:
         if button is None or self.config.alert_key(button) != alert_key:
             log.info("ack_ignored_not_a_button_alert", alert_key=alert_key, source="pushover")
             return
+        opened = state.opened_at if state else None
+        if at is not None and opened is not None and at < opened:
+            # The receipt of an earlier open of this alert, acknowledged before this one.
+            log.info("ack_ignored_before_open", button=button.id, source="pushover")
+            return
         self.acknowledge(button.id, by, at, source="pushover")
 
     def acknowledge(

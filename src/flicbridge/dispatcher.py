@@ -29,6 +29,7 @@ from typing import Protocol
 import aiohttp
 import structlog
 
+from flicbridge.bucket import TokenBucket
 from flicbridge.clock import ScheduleClock
 from flicbridge.delivery import Outcome, attempt, next_delay
 from flicbridge.sinks.base import Sink
@@ -70,8 +71,7 @@ class SinkGate:
     rate: float
     burst: int
     clock: Callable[[], float]  # the dispatcher's schedule clock
-    tokens: float = 0.0
-    updated: float = 0.0
+    bucket: TokenBucket = field(init=False)
     paused_until: float = 0.0
     last_success: float | None = None
     last_error: str | None = None
@@ -79,6 +79,9 @@ class SinkGate:
     live: deque[asyncio.Future[bool]] = field(default_factory=deque)  # newest first
     waiting: deque[asyncio.Future[bool]] = field(default_factory=deque)
     _timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.bucket = TokenBucket(self.rate, float(self.burst))
 
     def turn(self, live: bool) -> asyncio.Future[bool]:
         """A future that says True when it is this lane's turn (False: ``withdraw``-n)."""
@@ -99,17 +102,6 @@ class SinkGate:
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
 
-    def take(self, now: float) -> float:
-        """Take a token if one is there (return 0) or say how long until one is."""
-        if self.updated == 0.0:
-            self.tokens, self.updated = float(self.burst), now
-        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
-
     def _grant(self) -> None:
         """Grant every turn the bucket allows now; wake up again when the next one can go."""
         if self._timer is not None:
@@ -117,7 +109,7 @@ class SinkGate:
             self._timer = None
         while self._head(pop=False) is not None:
             now = self.clock()
-            wait = self.paused_until - now if self.paused_until > now else self.take(now)
+            wait = self.paused_until - now if self.paused_until > now else self.bucket.take(now)
             if wait > 0:
                 self._timer = asyncio.get_running_loop().call_later(wait, self._grant)
                 return
@@ -137,8 +129,7 @@ class SinkGate:
 
     def shift(self, delta: float) -> None:
         """Move this gate's times with a step of the schedule clock."""
-        if self.updated:
-            self.updated += delta
+        self.bucket.shift(delta)
         if self.paused_until:
             self.paused_until += delta
         if self.last_success is not None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
+from flicbridge.bucket import TokenBucket
 from flicbridge.config import Config
 from flicbridge.secrecy import same_secret
 from flicbridge.server.http import error
@@ -29,12 +29,6 @@ SOURCE: web.RequestKey[str] = web.RequestKey("ingest_source", str)
 """Set on a request admitted by a source's own token: the source's name."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
 
 
 class IngestGate:
@@ -49,7 +43,7 @@ class IngestGate:
         self._burst = float(config.ingest.burst)
         self._bearer = config.server.token is not None
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     @property
     def enabled(self) -> bool:
@@ -70,14 +64,8 @@ class IngestGate:
 
     def admit(self, source: str) -> float:
         """0 when ``source`` may send now (and it is counted), else seconds until it may."""
-        now = self._clock()
-        bucket = self._buckets.setdefault(source, _Bucket(self._burst, now))
-        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
-        bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self._rate
+        bucket = self._buckets.setdefault(source, TokenBucket(self._rate, self._burst))
+        return bucket.take(self._clock())
 
 
 GATE: web.AppKey[IngestGate] = web.AppKey("ingest_gate", IngestGate)

@@ -87,6 +87,13 @@ class PushoverSink(Sink):
             body["sound"] = self.sound
         return HttpRequest("POST", self.base + "messages.json", body, self._headers())
 
+    def success_error(self, status: int, body: bytes) -> str | None:
+        """Pushover says ``"status": 1`` on success; a 2xx with 0 carries its ``errors``."""
+        if _field(body, "status") == 0:
+            errors = _field(body, "errors")
+            return "; ".join(map(str, errors)) if isinstance(errors, list) else "status 0"
+        return None
+
     def on_delivered(self, message: Message, body: bytes) -> None:
         """Keep an emergency message's receipt; a delivered close forgets it."""
         key = message.alert_key
