@@ -33,7 +33,7 @@ from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
 from flicbridge.sinks import build_sink
-from flicbridge.sinks.base import Sink
+from flicbridge.sinks.base import DirectSink, Sink
 from flicbridge.spill import Spill, default_path
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
@@ -147,6 +147,9 @@ class Bridge:
             age = functools.partial(self._oldest_pending_age, sink_id)
             self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        for sink in self.sinks.values():  # their own connections (MQTT), beside the dispatcher
+            if isinstance(sink, DirectSink):
+                self.extra_tasks.append(functools.partial(sink.run, self))
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None

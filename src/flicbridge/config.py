@@ -286,6 +286,19 @@ class NtfySink(_SinkBase):
     token: Secret | None = None
 
 
+class MqttSink(_SinkBase):
+    """An MQTT broker (Home Assistant's usual bus): retained state, events, discovery."""
+
+    type: Literal["mqtt"]
+    url: Secret  # mqtt://[user:pass@]host[:port] or mqtts://…
+    topic_prefix: Annotated[str, Field(pattern=r"^[^#+\s]+$")] = "flicbridge"
+    # QoS 0 would count a row delivered before the broker has it: refused here.
+    qos: Literal[1] = 1
+    discovery_prefix: Annotated[str, Field(pattern=r"^[^#+\s]*$")] = "homeassistant"  # "": off
+    commands: bool = False
+    ca_file: Path | None = None  # mqtts: trust this CA file instead of the system store
+
+
 SinkConfig = Annotated[
     AlertOpsSink
     | WebhookSink
@@ -295,7 +308,8 @@ SinkConfig = Annotated[
     | OpsgenieSink
     | SplunkOnCallSink
     | IncidentIoSink
-    | NtfySink,
+    | NtfySink
+    | MqttSink,
     Field(discriminator="type"),
 ]
 SINK_TYPES = (
@@ -308,6 +322,7 @@ SINK_TYPES = (
     "splunk_oncall",
     "incidentio",
     "ntfy",
+    "mqtt",
 )
 
 

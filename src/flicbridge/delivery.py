@@ -25,7 +25,7 @@ import aiohttp
 from pydantic import SecretStr
 
 from flicbridge.domain import Message
-from flicbridge.sinks.base import Sink
+from flicbridge.sinks.base import DirectSink, Sink
 
 RETRY_AFTER_CAP = 3600.0  # a Retry-After is honoured up to one hour
 BODY_LIMIT = 64 * 1024  # enough for any error document; a huge answer is not read on
@@ -210,6 +210,9 @@ async def attempt(
     timeout: float,  # noqa: ASYNC109 - per sink, and aiohttp's own timeout names its phase
 ) -> Outcome:
     """Send ``message`` to ``sink`` once (``timeout`` covers connect to last byte) and classify."""
+    if isinstance(sink, DirectSink):
+        outcome: Outcome = await sink.deliver(message, timeout)
+        return outcome
     try:
         request = sink.build(message)
         data = json.dumps(request.json).encode("utf-8")

@@ -8,6 +8,7 @@ from flicbridge.sinks.base import HttpRequest, Sink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
 from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.mqtt import MqttSink
 from flicbridge.sinks.ntfy import NtfySink
 from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
@@ -26,6 +27,7 @@ SINK_CLASSES: dict[str, type[Sink]] = {
         SplunkOnCallSink,
         IncidentIoSink,
         NtfySink,
+        MqttSink,
     )
 }
 
@@ -42,6 +44,7 @@ __all__ = [
     "HttpRequest",
     "IlertSink",
     "IncidentIoSink",
+    "MqttSink",
     "NtfySink",
     "OpsgenieSink",
     "PagerDutySink",

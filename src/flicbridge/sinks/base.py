@@ -62,3 +62,23 @@ class Sink(ABC):
     def success_error(self, status: int, body: bytes) -> str | None:
         """For a 2xx answer: None if it is a success, else why it is a permanent failure."""
         return None
+
+
+class DirectSink(Sink):
+    """A sink that speaks its own protocol (MQTT) instead of HTTP.
+
+    The dispatcher still owns retries, backoff, order and dead letters: ``deliver``
+    makes one attempt and says what it came to (an ``Outcome`` of ``delivery``).
+    ``run`` is the sink's own connection, started beside the dispatcher.
+    """
+
+    def build(self, message: Message) -> HttpRequest:
+        raise TypeError(f"{self.type} sinks deliver directly, not over HTTP")
+
+    @abstractmethod
+    async def deliver(self, message: Message, timeout: float) -> Any:  # noqa: ASYNC109
+        """One attempt: an ``Outcome`` (typed Any here: delivery imports this module)."""
+
+    @abstractmethod
+    async def run(self, bridge: Any) -> None:
+        """Keep the connection until cancelled; ``bridge`` takes signals (``submit``)."""
