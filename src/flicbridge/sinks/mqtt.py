@@ -266,9 +266,11 @@ class MqttSink(DirectSink):
             self.connected.set()
             log.info("mqtt connected", sink=self.id, broker=self.public_url)
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._watch_status(client, bridge))
+                watcher = asyncio.create_task(self._watch_status(client, bridge))
+                try:
                     await self._listen(client, bridge)
+                finally:
+                    watcher.cancel()
             finally:
                 self.connected.clear()
                 self.client = None
@@ -321,6 +323,10 @@ class MqttSink(DirectSink):
 
     async def _watch_status(self, client: aiomqtt.Client, bridge: Any) -> None:
         """Battery and connectivity of each button, published retained when they change."""
+        with contextlib.suppress(aiomqtt.MqttError):  # the listener sees the disconnect
+            await self._publish_status(client, bridge)
+
+    async def _publish_status(self, client: aiomqtt.Client, bridge: Any) -> None:
         while True:
             for key, button in self.buttons.items():
                 status = bridge.buttons.get(button.id)
