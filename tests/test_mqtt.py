@@ -35,6 +35,8 @@ class Broker:
         self.port = free_port()
         self.conf = tmp / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        if os.geteuid() == 0:  # else it drops to user "mosquitto", who cannot read tmp files
+            lines.append("user root")
         if users:
             pwfile = tmp / "passwd"
             pwfile.write_text("")
@@ -52,7 +54,10 @@ class Broker:
     async def start(self) -> None:
         assert MOSQUITTO is not None
         self.proc = await asyncio.create_subprocess_exec(
-            MOSQUITTO, "-c", str(self.conf), stdout=asyncio.subprocess.DEVNULL,
+            MOSQUITTO,
+            "-c",
+            str(self.conf),
+            stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
         async with asyncio.timeout(10):
@@ -160,7 +165,13 @@ async def test_state_event_availability_and_discovery(tmp_path: Path, broker: Br
             assert event["state"] == "On" and event["action"] == "open"
             assert event["button_id"] == "desk" and event["origin"] == "api"
             assert set(event) == {
-                "action", "state", "click", "pressed_at", "delay_s", "origin", "button_id"
+                "action",
+                "state",
+                "click",
+                "pressed_at",
+                "delay_s",
+                "origin",
+                "button_id",
             }
             seen = await retained(broker, "#")
             assert seen["flicbridge/hq/desk/state"] == b"On"
@@ -178,9 +189,7 @@ async def test_state_event_availability_and_discovery(tmp_path: Path, broker: Br
             gesture = next(p for p in configs.values() if p["unique_id"].endswith("_gesture"))
             assert "single_click" in gesture["event_types"]
             await signal(bridge, "Off")
-            await until(
-                lambda: _state_is(broker, "flicbridge/hq/desk/state", b"Off"), timeout=10
-            )
+            await until(lambda: _state_is(broker, "flicbridge/hq/desk/state", b"Off"), timeout=10)
 
 
 async def _state_is(broker: Broker, topic: str, value: bytes) -> bool:
@@ -270,8 +279,9 @@ async def test_refused_credentials_are_a_dead_letter_with_the_reason(tmp_path: P
             assert "wrong-password" not in error
         # The right password delivers.
         good = f"mqtt://bridge:right-password@127.0.0.1:{broker.port}"
-        config = make_config(tmp_path / "ok" if _mk(tmp_path / "ok") else tmp_path,
-                             sinks=[mqtt_sink(good)])
+        config = make_config(
+            tmp_path / "ok" if _mk(tmp_path / "ok") else tmp_path, sinks=[mqtt_sink(good)]
+        )
         async with running(config) as bridge:
             await signal(bridge, "On")
             await until(lambda: _no_pending(bridge))
@@ -315,10 +325,16 @@ async def test_commands_become_signals_and_garbage_is_ignored(
 async def test_two_sites_share_one_broker_without_collisions(
     tmp_path: Path, broker: Broker
 ) -> None:
-    a = make_config(tmp_path / "a" if _mk(tmp_path / "a") else tmp_path, site="north",
-                    sinks=[mqtt_sink(broker.url)])
-    b = make_config(tmp_path / "b" if _mk(tmp_path / "b") else tmp_path, site="south",
-                    sinks=[mqtt_sink(broker.url)])
+    a = make_config(
+        tmp_path / "a" if _mk(tmp_path / "a") else tmp_path,
+        site="north",
+        sinks=[mqtt_sink(broker.url)],
+    )
+    b = make_config(
+        tmp_path / "b" if _mk(tmp_path / "b") else tmp_path,
+        site="south",
+        sinks=[mqtt_sink(broker.url)],
+    )
     async with running(a) as one, running(b) as two:
         await signal(one, "On")
         await signal(two, "Off")
@@ -351,8 +367,12 @@ async def test_last_will_says_offline_when_the_daemon_is_killed(
         f'[[sinks]]\nid = "ha"\ntype = "mqtt"\nurl = "{broker.url}"\n'
     )
     proc = await asyncio.create_subprocess_exec(
-        *EXE, "run", "--config", str(tmp_path / "c.toml"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        *EXE,
+        "run",
+        "--config",
+        str(tmp_path / "c.toml"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         topic = "flicbridge/hq/bridge/availability"
