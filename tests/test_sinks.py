@@ -24,6 +24,7 @@ from flicbridge.sinks.alertops import AlertOpsSink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
 from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.mqtt import MqttSink
 from flicbridge.sinks.ntfy import NtfySink
 from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
@@ -489,6 +490,7 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "splunk_oncall": (SplunkOnCallSink, 1.0),
         "incidentio": (IncidentIoSink, 1.0),
         "ntfy": (NtfySink, 0.5),
+        "mqtt": (MqttSink, 100.0),
     }
     assert set(SINK_CLASSES) == set(expected)
     fields = {
@@ -501,6 +503,7 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "splunk_oncall": {"url": "http://127.0.0.1:9/s/k/r"},
         "incidentio": {"url": "http://127.0.0.1:9/i", "token": "t"},
         "ntfy": {"topic": "t"},
+        "mqtt": {"url": "mqtt://127.0.0.1:9"},
     }
     for kind, (cls, rate) in expected.items():
         sink = make_sink({"type": kind, **fields[kind]})
