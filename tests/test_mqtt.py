@@ -190,6 +190,8 @@ async def test_state_event_availability_and_discovery(tmp_path: Path, broker: Br
             assert "single_click" in gesture["event_types"]
             await signal(bridge, "Off")
             await until(lambda: _state_is(broker, "flicbridge/hq/desk/state", b"Off"), timeout=10)
+    # A clean stop says offline itself, without waiting for the broker's last will.
+    assert await _state_is(broker, "flicbridge/hq/bridge/availability", b"offline")
 
 
 async def _state_is(broker: Broker, topic: str, value: bytes) -> bool:

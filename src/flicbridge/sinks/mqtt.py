@@ -91,7 +91,6 @@ class MqttSink(DirectSink):
             "name": button.display_name,
             "manufacturer": "Flic",
             "model": "Flic button",
-            "via_device": self.node_id,
         }
         common = {
             "availability_topic": self.availability,
