@@ -266,7 +266,11 @@ async def _ready(sink: MqttSink) -> bool:
 
 
 @needs_broker
-async def test_refused_credentials_are_a_dead_letter_with_the_reason(tmp_path: Path) -> None:
+async def test_refused_credentials_are_a_dead_letter_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong password is not retried forever: dead, with the broker's reason; the password
+    shows nowhere, neither in the row nor in the log."""
     broker = Broker(tmp_path, users={"bridge": "right-password"})
     await broker.start()
     try:
@@ -279,6 +283,9 @@ async def test_refused_credentials_are_a_dead_letter_with_the_reason(tmp_path: P
             assert "refused" in error
             assert "not authori" in error.lower() or "password" in error.lower()
             assert "wrong-password" not in error
+            out, err = capsys.readouterr()
+            assert "mqtt disconnected" in out + err
+            assert "wrong-password" not in out + err
         # The right password delivers.
         good = f"mqtt://bridge:right-password@127.0.0.1:{broker.port}"
         config = make_config(
