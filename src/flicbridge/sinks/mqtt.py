@@ -246,6 +246,8 @@ class MqttSink(DirectSink):
             tls_context=self._tls(),
             timeout=10,
         )
+        # One lane per alert key publishes at once: dozens in flight is normal, not a warning.
+        client.pending_calls_threshold = 1000
         async with client:
             self.refused = None
             self.connects += 1
