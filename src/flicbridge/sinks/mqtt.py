@@ -129,7 +129,8 @@ class MqttSink(DirectSink):
                 "unique_id": f"{uid}_gesture",
                 "state_topic": self.topic(key, "event"),
                 "event_types": GESTURES,
-                "value_template": ("{{ {'event_type': value_json.click or 'signal'} | tojson }}"),
+                # HA's documented form: a JSON object with event_type; API signals have no click.
+                "value_template": '{"event_type": "{{ value_json.click or \'signal\' }}"}',
             },
         }
         if self.mqtt.commands:
