@@ -31,10 +31,14 @@ needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary
 class Broker:
     """One Mosquitto process; ``kill`` and ``start`` again keep the port (no persistence)."""
 
-    def __init__(self, tmp: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.port = free_port()
         self.conf = tmp / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        if tls is not None:
+            lines += [f"certfile {tls[0]}", f"keyfile {tls[1]}"]
         if os.geteuid() == 0:  # else it drops to user "mosquitto", who cannot read tmp files
             lines.append("user root")
         if users:
@@ -393,3 +397,47 @@ async def test_last_will_says_offline_when_the_daemon_is_killed(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@needs_broker
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+async def test_mqtts_verifies_the_broker_against_ca_file(tmp_path: Path) -> None:
+    """mqtts with ca_file delivers; without it a self-signed broker is not trusted (retried,
+    not delivered, not dead: the operator can fix the trust and the rows go)."""
+    cert, key = _self_signed(tmp_path)
+    broker = Broker(tmp_path, tls=(cert, key))
+    await broker.start()
+    try:
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        untrusted = make_config(_dir(tmp_path / "u"), sinks=[mqtt_sink(url)])
+        async with running(untrusted) as bridge:
+            await signal(bridge, "On")
+            await asyncio.sleep(1.0)
+            assert len(await bridge.store.rows("pending")) == 1
+            assert not await bridge.store.rows("dead")
+            sink = bridge.sinks["ha"]
+            assert isinstance(sink, MqttSink) and sink.connects == 0
+        trusted = make_config(_dir(tmp_path / "t"), sinks=[mqtt_sink(url, ca_file=str(cert))])
+        async with running(trusted) as bridge:
+            await signal(bridge, "On")
+            await until(lambda: _no_pending(bridge))
+            assert not await bridge.store.rows("dead")
+    finally:
+        await broker.kill()
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system CA store trusts, and its key."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
