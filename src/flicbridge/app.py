@@ -149,7 +149,12 @@ class Bridge:
         self.extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         for sink in self.sinks.values():  # their own connections (MQTT), beside the dispatcher
             if isinstance(sink, DirectSink):
-                self.extra_tasks.append(functools.partial(sink.run, self))
+                keys = {
+                    config.alert_key(b): b
+                    for b in config.buttons
+                    if any(s.id == sink.id for s in config.sinks_of(b))
+                }
+                self.extra_tasks.append(functools.partial(sink.run, self, keys))
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None

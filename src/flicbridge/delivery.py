@@ -210,9 +210,9 @@ async def attempt(
     timeout: float,  # noqa: ASYNC109 - per sink, and aiohttp's own timeout names its phase
 ) -> Outcome:
     """Send ``message`` to ``sink`` once (``timeout`` covers connect to last byte) and classify."""
-    if isinstance(sink, DirectSink):
-        outcome: Outcome = await sink.deliver(message, timeout)
-        return outcome
+    if isinstance(sink, DirectSink):  # its own protocol (MQTT): the same three outcomes
+        result = await sink.deliver(message, timeout)
+        return Outcome(result.kind, None, redact(sink, result.detail))
     try:
         request = sink.build(message)
         data = json.dumps(request.json).encode("utf-8")

@@ -16,7 +16,8 @@ import random
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -25,10 +26,7 @@ import structlog
 from flicbridge.config import ButtonConfig, SinkConfig
 from flicbridge.config import MqttSink as MqttSinkConfig
 from flicbridge.domain import Click, Message, Signal, SignalState, utcnow
-from flicbridge.sinks.base import DirectSink
-
-if TYPE_CHECKING:  # delivery imports the sinks package: no import cycle at run time
-    from flicbridge.delivery import Outcome
+from flicbridge.sinks.base import DirectResult, DirectSink, SignalTaker
 
 log = structlog.get_logger(__name__)
 
@@ -160,20 +158,19 @@ class MqttSink(DirectSink):
             "button_id": message.button_id,
         }
 
-    async def deliver(self, message: Message, timeout: float) -> Outcome:  # noqa: ASYNC109
-        from flicbridge.delivery import Outcome
+    async def deliver(self, message: Message, timeout: float) -> DirectResult:  # noqa: ASYNC109
 
         if self.refused is not None:
-            return Outcome("dead", None, f"broker refused the connection: {self.refused}")
+            return DirectResult("dead", f"broker refused the connection: {self.refused}")
         try:
             async with asyncio.timeout(timeout):
                 await self.connected.wait()
         except TimeoutError:
             why = f"broker {self.public_url} unreachable: {self.last_error}"
-            return Outcome("retry", None, why)
+            return DirectResult("retry", why)
         client = self.client
         if client is None:
-            return Outcome("retry", None, "broker connection lost")
+            return DirectResult("retry", "broker connection lost")
         key = message.alert_key
         try:
             await client.publish(
@@ -186,9 +183,9 @@ class MqttSink(DirectSink):
                 timeout=timeout,
             )
         except (aiomqtt.MqttError, TimeoutError) as exc:
-            return Outcome("retry", None, f"publish not acknowledged: {exc}")
+            return DirectResult("retry", f"publish not acknowledged: {exc}")
         self.states[key] = message.state.value
-        return Outcome("delivered", None, "PUBACK")
+        return DirectResult("delivered", "PUBACK")
 
     # -- connection --------------------------------------------------------------------
 
@@ -205,17 +202,9 @@ class MqttSink(DirectSink):
             return str(rc)
         return None
 
-    def _keys(self, bridge: Any) -> None:
-        config = bridge.config
-        self.buttons = {
-            config.alert_key(b): b
-            for b in config.buttons
-            if any(s.id == self.id for s in config.sinks_of(b))
-        }
-
-    async def run(self, bridge: Any) -> None:
+    async def run(self, bridge: SignalTaker, keys: Mapping[str, ButtonConfig]) -> None:
         """Connect, keep the connection, reconnect with capped jittered backoff."""
-        self._keys(bridge)
+        self.buttons = dict(keys)
         failures = 0
         while True:
             try:
@@ -236,7 +225,7 @@ class MqttSink(DirectSink):
             ceiling = min(RECONNECT_MAX, RECONNECT_INITIAL * 2 ** min(failures, 16))
             await asyncio.sleep(self._rng.uniform(ceiling / 2, ceiling))
 
-    async def _session(self, bridge: Any) -> None:
+    async def _session(self, bridge: SignalTaker) -> None:
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -289,7 +278,7 @@ class MqttSink(DirectSink):
     def _current_configs(self) -> set[str]:
         return {t for k, b in self.buttons.items() for t in self.discovery(k, b)}
 
-    async def _listen(self, client: aiomqtt.Client, bridge: Any) -> None:
+    async def _listen(self, client: aiomqtt.Client, bridge: SignalTaker) -> None:
         dp = self.mqtt.discovery_prefix.rstrip("/")
         async for msg in client.messages:
             topic = str(msg.topic)
@@ -305,7 +294,7 @@ class MqttSink(DirectSink):
             elif topic.endswith("/set"):
                 self._command(bridge, topic, text)
 
-    def _command(self, bridge: Any, topic: str, text: str) -> None:
+    def _command(self, bridge: SignalTaker, topic: str, text: str) -> None:
         key = topic[len(self.prefix) + 1 : -len("/set")]
         button = self.buttons.get(key)
         if button is None or text not in ("On", "Off"):
@@ -323,12 +312,12 @@ class MqttSink(DirectSink):
         except Exception as exc:  # not accepting, unknown button: never a crash
             log.warning("mqtt command not taken", sink=self.id, topic=topic, error=str(exc))
 
-    async def _watch_status(self, client: aiomqtt.Client, bridge: Any) -> None:
+    async def _watch_status(self, client: aiomqtt.Client, bridge: SignalTaker) -> None:
         """Battery and connectivity of each button, published retained when they change."""
         with contextlib.suppress(aiomqtt.MqttError):  # the listener sees the disconnect
             await self._publish_status(client, bridge)
 
-    async def _publish_status(self, client: aiomqtt.Client, bridge: Any) -> None:
+    async def _publish_status(self, client: aiomqtt.Client, bridge: SignalTaker) -> None:
         while True:
             for key, button in self.buttons.items():
                 status = bridge.buttons.get(button.id)
