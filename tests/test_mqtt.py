@@ -275,10 +275,10 @@ async def test_refused_credentials_are_a_dead_letter_with_the_reason(
 ) -> None:
     """A wrong password is not retried forever: dead, with the broker's reason; the password
     shows nowhere, neither in the row nor in the log."""
-    broker = Broker(tmp_path, users={"bridge": "right-password"})
+    broker = Broker(tmp_path, users={"mq-user-7": "right-password"})
     await broker.start()
     try:
-        url = f"mqtt://bridge:wrong-password@127.0.0.1:{broker.port}"
+        url = f"mqtt://mq-user-7:wrong-password@127.0.0.1:{broker.port}"
         config = make_config(tmp_path, sinks=[mqtt_sink(url)])
         async with running(config) as bridge:
             await signal(bridge, "On")
@@ -291,7 +291,7 @@ async def test_refused_credentials_are_a_dead_letter_with_the_reason(
             assert "mqtt disconnected" in out + err
             assert "wrong-password" not in out + err
         # The right password delivers.
-        good = f"mqtt://bridge:right-password@127.0.0.1:{broker.port}"
+        good = f"mqtt://mq-user-7:right-password@127.0.0.1:{broker.port}"
         config = make_config(
             tmp_path / "ok" if _mk(tmp_path / "ok") else tmp_path, sinks=[mqtt_sink(good)]
         )
