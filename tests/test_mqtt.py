@@ -441,3 +441,21 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+@needs_broker
+async def test_battery_and_connectivity_are_retained_when_they_change(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """What the bridge knows of a button's battery and link reaches the broker, retained."""
+    config = make_config(tmp_path, site="hq", sinks=[mqtt_sink(broker.url)])
+    async with running(config) as bridge:
+        sink = bridge.sinks["ha"]
+        assert isinstance(sink, MqttSink)
+        sink.status_interval = 0.05
+        bridge.buttons["desk"].battery = 42
+        bridge.buttons["desk"].connected = True
+        await until(lambda: _state_is(broker, "flicbridge/hq/desk/battery", b"42"))
+        await until(lambda: _state_is(broker, "flicbridge/hq/desk/connectivity", b"online"))
+        bridge.buttons["desk"].connected = False
+        await until(lambda: _state_is(broker, "flicbridge/hq/desk/connectivity", b"offline"))

@@ -73,6 +73,7 @@ class MqttSink(DirectSink):
         self.states: dict[str, str] = {}  # alert key → last state the broker acknowledged
         self._status: dict[str, tuple[Any, Any]] = {}
         self._rng = random.Random()
+        self.status_interval = STATUS_INTERVAL
 
     # -- topics --------------------------------------------------------------------
 
@@ -336,7 +337,7 @@ class MqttSink(DirectSink):
                         self.topic(key, "connectivity"), online, qos=1, retain=True
                     )
                 self._status[key] = now
-            await asyncio.sleep(STATUS_INTERVAL)
+            await asyncio.sleep(self.status_interval)
 
 
 def _cancelling() -> bool:
