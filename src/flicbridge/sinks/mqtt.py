@@ -219,6 +219,14 @@ class MqttSink(DirectSink):
                 log.warning(
                     "mqtt disconnected", sink=self.id, broker=self.public_url, error=str(exc)
                 )
+            except Exception as exc:  # e.g. an unreadable ca_file: retried, never a crash
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "mqtt connection failed",
+                    sink=self.id,
+                    broker=self.public_url,
+                    error=self.last_error,
+                )
             finally:
                 self.connected.clear()
                 self.client = None
@@ -266,7 +274,7 @@ class MqttSink(DirectSink):
             finally:
                 self.connected.clear()
                 self.client = None
-                if asyncio.current_task() is not None and _cancelling():
+                if _cancelling():
                     # A clean stop: say so now rather than leave it to the last will.
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.publish(self.availability, "offline", qos=1, retain=True)
