@@ -166,12 +166,13 @@ def test_every_commented_sink_block_of_the_example_loads(
             current = None
     types = [re.search(r'^type = "([a-z_]+)"', "\n".join(b), re.M) for b in blocks]
     assert {t.group(1) for t in types if t} >= {
-        "opsgenie", "splunk_oncall", "incidentio", "ntfy", "pushover"
+        "opsgenie", "splunk_oncall", "incidentio", "ntfy", "pushover", "mqtt"
     }  # fmt: skip
     for number, block in enumerate(blocks):
         text = "\n".join(block)
         for name in re.findall(r'"env:([A-Z_]+)"', text):
-            monkeypatch.setenv(name, "https://example.invalid/k3y-1234567/x")
+            url = "mqtt://qx7user:Zk29vLq4pw@127.0.0.1:1883" if name.startswith("MQTT") else None
+            monkeypatch.setenv(name, url or "https://example.invalid/k3y-1234567/x")
         toml = (
             f'[store]\npath = "{tmp_path / "s.db"}"\n'
             '[[buttons]]\nid = "desk"\nsource = "ingest"\n[[sinks]]\n' + text + "\n"

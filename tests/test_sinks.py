@@ -24,6 +24,7 @@ from flicbridge.sinks.alertops import AlertOpsSink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
 from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.mqtt import MqttSink
 from flicbridge.sinks.ntfy import NtfySink
 from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
@@ -491,6 +492,7 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "incidentio": (IncidentIoSink, 1.0),
         "ntfy": (NtfySink, 0.5),
         "pushover": (PushoverSink, 1.0),
+        "mqtt": (MqttSink, 100.0),
     }
     assert set(SINK_CLASSES) == set(expected)
     fields = {
@@ -504,6 +506,7 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "incidentio": {"url": "http://127.0.0.1:9/i", "token": "t"},
         "ntfy": {"topic": "t"},
         "pushover": {"token": "t", "user": "u"},
+        "mqtt": {"url": "mqtt://127.0.0.1:9"},
     }
     for kind, (cls, rate) in expected.items():
         sink = make_sink({"type": kind, **fields[kind]})

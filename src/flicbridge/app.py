@@ -38,7 +38,7 @@ from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
 from flicbridge.server.wiring import build_app
 from flicbridge.sinks import build_sink
-from flicbridge.sinks.base import Sink
+from flicbridge.sinks.base import DirectSink, Sink
 from flicbridge.sinks.pushover import PushoverSink
 from flicbridge.spill import Spill, default_path, to_json
 from flicbridge.state import AlertState, decide
@@ -108,6 +108,20 @@ class Bridge:
             age = functools.partial(self._oldest_pending_age, sink_id)
             self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.subscriptions = Subscriptions(self.store, self.alerts_bus, config, self.dispatcher)
+        # Sinks with a connection of their own (MQTT) run beside the dispatcher, each with
+        # the alert keys (and buttons) it serves.
+        self.direct_sinks: list[tuple[DirectSink, dict[str, ButtonConfig]]] = [
+            (
+                sink,
+                {
+                    config.alert_key(b): b
+                    for b in config.buttons
+                    if any(s.id == sink.id for s in config.sinks_of(b))
+                },
+            )
+            for sink in self.sinks.values()
+            if isinstance(sink, DirectSink)
+        ]
         self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
         self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None
@@ -161,6 +175,10 @@ class Bridge:
                 tg.create_task(self._replay_held(), name="replay-held")
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(self.subscriptions.run(), name="subscriptions")]
+                extras += [
+                    tg.create_task(sink.run(self, keys), name=f"sink:{sink.id}")
+                    for sink, keys in self.direct_sinks
+                ]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
                 tg.create_task(self.health_monitor.run(), name="button-health")
                 for sink in pushover:

@@ -312,6 +312,19 @@ class PushoverSink(_SinkBase):
         return self
 
 
+class MqttSink(_SinkBase):
+    """An MQTT broker (Home Assistant's usual bus): retained state, events, discovery."""
+
+    type: Literal["mqtt"]
+    url: Secret  # mqtt://[user:pass@]host[:port] or mqtts://…
+    topic_prefix: Annotated[str, Field(pattern=r"^[^#+\s]+$")] = "flicbridge"
+    # QoS 0 would count a row delivered before the broker has it: refused here.
+    qos: Literal[1] = 1
+    discovery_prefix: Annotated[str, Field(pattern=r"^[^#+\s]*$")] = "homeassistant"  # "": off
+    commands: bool = False
+    ca_file: Path | None = None  # mqtts: trust this CA file instead of the system store
+
+
 SinkConfig = Annotated[
     AlertOpsSink
     | WebhookSink
@@ -322,7 +335,8 @@ SinkConfig = Annotated[
     | SplunkOnCallSink
     | IncidentIoSink
     | NtfySink
-    | PushoverSink,
+    | PushoverSink
+    | MqttSink,
     Field(discriminator="type"),
 ]
 SINK_TYPES = (
@@ -336,6 +350,7 @@ SINK_TYPES = (
     "incidentio",
     "ntfy",
     "pushover",
+    "mqtt",
 )
 
 

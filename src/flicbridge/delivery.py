@@ -26,7 +26,7 @@ import structlog
 from pydantic import SecretStr
 
 from flicbridge.domain import Message
-from flicbridge.sinks.base import Sink
+from flicbridge.sinks.base import DirectSink, Sink
 
 log = structlog.get_logger(__name__)
 
@@ -213,6 +213,12 @@ async def attempt(
     timeout: float,  # noqa: ASYNC109 - per sink, and aiohttp's own timeout names its phase
 ) -> Outcome:
     """Send ``message`` to ``sink`` once (``timeout`` covers connect to last byte) and classify."""
+    if isinstance(sink, DirectSink):  # its own protocol (MQTT): the same three outcomes
+        try:
+            result = await sink.deliver(message, timeout)
+        except Exception as exc:  # a bug of the sink's is retried like a network error
+            return classify_exception(sink, exc)
+        return Outcome(result.kind, None, redact(sink, result.detail))
     try:
         request = sink.build(message)
         data = json.dumps(request.json).encode("utf-8")

@@ -8,6 +8,7 @@ from flicbridge.sinks.base import HttpRequest, Sink
 from flicbridge.sinks.flashduty import FlashdutySink
 from flicbridge.sinks.ilert import IlertSink
 from flicbridge.sinks.incidentio import IncidentIoSink
+from flicbridge.sinks.mqtt import MqttSink
 from flicbridge.sinks.ntfy import NtfySink
 from flicbridge.sinks.opsgenie import OpsgenieSink
 from flicbridge.sinks.pagerduty import PagerDutySink
@@ -28,6 +29,7 @@ SINK_CLASSES: dict[str, type[Sink]] = {
         IncidentIoSink,
         NtfySink,
         PushoverSink,
+        MqttSink,
     )
 }
 
@@ -44,6 +46,7 @@ __all__ = [
     "HttpRequest",
     "IlertSink",
     "IncidentIoSink",
+    "MqttSink",
     "NtfySink",
     "OpsgenieSink",
     "PagerDutySink",

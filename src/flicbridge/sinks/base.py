@@ -8,12 +8,12 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit
 
 from flicbridge import __version__
-from flicbridge.config import SinkConfig
-from flicbridge.domain import Message
+from flicbridge.config import ButtonConfig, SinkConfig
+from flicbridge.domain import Message, Signal
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +66,41 @@ class Sink(ABC):
     def success_error(self, status: int, body: bytes) -> str | None:
         """For a 2xx answer: None if it is a success, else why it is a permanent failure."""
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResult:
+    """What one direct attempt came to; ``delivery`` turns it into its ``Outcome``."""
+
+    kind: Literal["delivered", "retry", "dead"]
+    detail: str
+
+
+class SignalTaker(Protocol):
+    """What a direct sink may ask of the bridge: take a signal, read button health."""
+
+    @property
+    def buttons(self) -> Mapping[str, Any]:
+        """Button id → its status (``battery``, ``connected``)."""
+
+    def submit(self, signal: Signal) -> Any: ...
+
+
+class DirectSink(Sink):
+    """A sink that speaks its own protocol (MQTT) instead of HTTP.
+
+    The dispatcher still owns retries, backoff, order and dead letters: ``deliver``
+    makes one attempt and says what it came to. ``run`` is the sink's own connection,
+    started beside the dispatcher by the one wiring point (``app``).
+    """
+
+    def build(self, message: Message) -> HttpRequest:
+        raise TypeError(f"{self.type} sinks deliver directly, not over HTTP")
+
+    @abstractmethod
+    async def deliver(self, message: Message, timeout: float) -> DirectResult:  # noqa: ASYNC109
+        """One attempt, bounded by ``timeout``."""
+
+    @abstractmethod
+    async def run(self, bridge: SignalTaker, keys: Mapping[str, ButtonConfig]) -> None:
+        """Keep the connection until cancelled; ``keys``: alert key → button it serves."""
