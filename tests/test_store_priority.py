@@ -79,3 +79,40 @@ async def test_a_live_press_does_not_jump_a_clock_step_shift(tmp_path: Path) -> 
         created = dict(conn.execute("SELECT event_id, created_at FROM outbox"))
     # busy was written before the shift and moved by it; the panic press was not.
     assert 990 < created[busy_id] - created[panic_id] < 1010
+
+
+
+async def test_a_delivered_mark_commits_alone_without_an_fsync(tmp_path: Path) -> None:
+    """A lane waits for its delivered mark before its next row: the mark goes ahead of
+    writes queued before it, in a transaction of its own with synchronous=NORMAL, while
+    every other write still commits with FULL (its own fsync)."""
+    sinks = [{"id": "hook", "type": "webhook", "url": "http://127.0.0.1:1/hook"}]  # refused
+    cfg = make_config(
+        tmp_path, sinks=sinks, delivery={"timeout": 2, "backoff_initial": 60, "backoff_max": 60}
+    )
+    async with running(cfg) as bridge:
+        store = bridge.store
+        (row,) = (await bridge.submit(on("desk"))).rows
+
+        def mode(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        gate = threading.Event()
+        held = store.submit(lambda conn: gate.wait(10))
+        order: list[str] = []
+        writes = [store.submit(mode) for _ in range(3)]
+        lazy = store.submit(mode, lazy=True)
+        mark = store.mark_delivered(row.id, 200)
+        for name, future in [("write", w) for w in writes] + [("lazy", lazy), ("mark", mark)]:
+            future.add_done_callback(lambda _f, name=name: order.append(name))
+        gate.set()
+        await held
+        modes = await asyncio.gather(*writes)
+        assert await lazy == 1  # NORMAL: no fsync of its own
+        await mark
+        after = await store.submit(mode)
+    assert order == ["lazy", "mark", "write", "write", "write"]
+    assert modes == [2, 2, 2] and after == 2  # FULL for everything else, before and after
+    with sqlite3.connect(cfg.store.path) as conn:
+        status = conn.execute("SELECT status FROM outbox WHERE id = ?", (row.id,)).fetchone()
+    assert status == ("delivered",)

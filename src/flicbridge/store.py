@@ -7,7 +7,8 @@ Invariants:
 - ``commit_event`` writes a press's (or callback's) event, the alert state it leaves and
   one outbox row per sink in ONE transaction; the caller treats the press as accepted only
   when that future resolves. WAL + synchronous=FULL: a resolved commit survives kill -9
-  and power loss.
+  and power loss. Only a delivered mark is written without its own fsync (see Job): one
+  lost to a power cut sends its row again.
 - An outbox row is ``pending`` until it is ``delivered`` or ``dead``; nothing pending is
   deleted. Delivered rows are trimmed to the newest ``history``; dead rows stay until an
   operator drops or re-queues them.
@@ -65,12 +66,19 @@ Op = Callable[[sqlite3.Connection], Any]
 class Job(NamedTuple):
     """One queued write. An ``urgent`` job (a live press) goes into the next transaction
     ahead of jobs queued before it, but never ahead of a ``barrier`` (a clock-step shift,
-    whose place in the order matters to every time written after it)."""
+    whose place in the order matters to every time written after it).
+
+    A ``lazy`` job (a delivered mark) may be committed without its own fsync: it survives
+    kill -9 at once (the WAL is written before the future resolves) and power loss from
+    the next full commit on. A power cut before then loses it together with every later
+    write of the WAL (SQLite's WAL is a checksummed prefix), so the rows are sent again, in
+    their order, with their dedup keys: a repeat, never a loss or a reorder."""
 
     op: Op
     future: asyncio.Future[Any]
     urgent: bool = False
     barrier: bool = False
+    lazy: bool = False
 
 
 SCHEMA = """
@@ -519,6 +527,7 @@ class Store:
         self.lock = StoreLock(path)
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
         self._abandoned = False  # closing gave a failing batch up (keeps commit order)
+        self._durable = True  # the connection's synchronous mode is FULL (connect sets it)
         self._counts_task: asyncio.Future[dict[str, dict[str, int]]] | None = None
         self._counts_cache: dict[str, dict[str, int]] = {}
 
@@ -601,6 +610,7 @@ class Store:
         conn = self._conn
         waiting: deque[Job] = deque()  # taken off the queue, not yet in a transaction
         stop = False
+        lazy = False  # the last batch was all lazy jobs (committed without an fsync)
         while True:
             if not waiting:
                 if stop:
@@ -625,21 +635,30 @@ class Store:
                     stop = True
                 else:
                     waiting.append(item)
-            batch = [(job.op, job.future) for job in _next_batch(waiting, self.max_batch)]
+            jobs = _next_batch(waiting, self.max_batch, lazy_first=not lazy)
+            lazy = all(job.lazy for job in jobs)
+            batch = [(job.op, job.future) for job in jobs]
             if self._abandoned:  # an earlier operation failed at close: none after it commits
                 for _, future in batch:
                     self._resolve(future, None, StoreError("store unavailable at close"))
             else:
-                self._run_batch(conn, batch)
+                self._run_batch(conn, batch, durable=not lazy)
 
     def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Op, asyncio.Future[Any]]],
+        *,
+        durable: bool = True,
     ) -> None:
         delay = 0.05
         while True:
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             try:
                 self._check_identity()
+                if durable != self._durable:  # FULL: this commit fsyncs; NORMAL: it does not
+                    conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 conn.execute("BEGIN IMMEDIATE")
                 for op, future in batch:
                     conn.execute("SAVEPOINT op")
@@ -718,13 +737,14 @@ class Store:
         *,
         urgent: bool = False,
         barrier: bool = False,
+        lazy: bool = False,
     ) -> asyncio.Future[T]:
         """Queue ``op`` for the writer thread; the future resolves after its commit."""
         if self._thread is None or self._loop is None:
             raise StoreError("the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._unsettled += 1
-        self._queue.put(Job(op, future, urgent, barrier))
+        self._queue.put(Job(op, future, urgent, barrier, lazy))
         return future
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -853,7 +873,8 @@ class Store:
                         "DELETE FROM outbox WHERE status = 'delivered' AND id <= ?", (cutoff[0],)
                     )
 
-        return self.submit(op)
+        # Lazy: a mark lost to a power cut only sends the row again (see Job).
+        return self.submit(op, lazy=True)
 
     def schedule_retry(
         self, row_id: int, attempts: int, next_attempt_at: float, status: int | None, error: str
@@ -1069,22 +1090,31 @@ class Store:
         return await self.read(op)
 
 
-def _next_batch(waiting: deque[Job], limit: int) -> list[Job]:
+def _next_batch(waiting: deque[Job], limit: int, *, lazy_first: bool = False) -> list[Job]:
     """The jobs of the next transaction, taken off ``waiting``: the urgent ones queued
-    before the first barrier, alone (a live press does not wait for a long batch), else up
-    to ``limit`` jobs in order."""
+    before the first barrier, alone (a live press does not wait for a long batch); else,
+    when ``lazy_first`` (the last batch was a full commit), the lazy ones queued before the
+    first barrier, alone (a delivered mark does not wait for other writes' fsync, so a
+    lane's next row goes out without it); else up to ``limit`` jobs in order.
+
+    Taking a lazy job ahead of earlier writes is safe: a mark only touches its own row, a
+    row already committed and in flight, which no other queued write changes."""
     urgent: list[Job] = []
+    lazy: list[Job] = []
     for job in waiting:
-        if job.barrier or len(urgent) >= limit:
+        if job.barrier:
             break
-        if job.urgent:
+        if job.urgent and len(urgent) < limit:
             urgent.append(job)
-    if urgent:
-        taken = {id(job) for job in urgent}
+        elif job.lazy and len(lazy) < limit:
+            lazy.append(job)
+    chosen = urgent or (lazy if lazy_first else [])
+    if chosen:
+        taken = {id(job) for job in chosen}
         rest = [job for job in waiting if id(job) not in taken]
         waiting.clear()
         waiting.extend(rest)
-        return urgent
+        return chosen
     return [waiting.popleft() for _ in range(min(limit, len(waiting)))]
 
 
