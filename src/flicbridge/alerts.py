@@ -12,15 +12,10 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import structlog
-
 from flicbridge.secrecy import mask
-
-log = structlog.get_logger(__name__)
 
 AlertType = Literal["INFO", "WARNING", "ERROR"]
 AlertAction = Literal["MESSAGE", "EXECUTE", "SHOW_EVENT"]
@@ -84,7 +79,6 @@ class AlertBus:
         self._ids = itertools.count(1)
         self.recent: deque[LocalAlert] = deque(maxlen=keep)
         self.subscribers: set[Subscriber] = set()
-        self.hooks: list[Callable[[LocalAlert], None]] = []
 
     def publish(
         self,
@@ -110,11 +104,6 @@ class AlertBus:
         self.recent.append(alert)
         for subscriber in list(self.subscribers):
             subscriber.offer(alert)
-        for hook in self.hooks:
-            try:
-                hook(alert)
-            except Exception:  # a broken hook must not break a press
-                log.exception("local_alert_hook_failed")
         return alert
 
     def subscribe(self, min_priority: Priority = "LOW") -> Subscriber:
