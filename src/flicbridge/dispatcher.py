@@ -14,6 +14,12 @@
 - Every schedule (retry times, ``max_age``, pauses, the buckets) is on the schedule clock
   (``clock.ScheduleClock``), which never jumps when NTP steps the wall clock; a step is
   absorbed by moving every pending schedule with it, in memory and in the store.
+- A delivered mark is committed before the lane sends its next row. It is committed
+  without an fsync of its own (``Store`` lazy write: 20 ms saved per row on an SD card)
+  only when the next row does the same (open after open, close after close). Before a
+  row of the other action goes out, every lazy mark of its key is made durable
+  (``Store.sync``). So a power cut can only repeat a run of one action, deduplicated by
+  the platform, never re-open a closed alert; kill -9 repeats at most the row in flight.
 """
 
 from __future__ import annotations
@@ -193,6 +199,8 @@ class Dispatcher:
         self.lanes: dict[tuple[str, str], Lane] = {}
         self.pending: dict[str, int] = dict.fromkeys(sinks, 0)
         self._forgotten: set[int] = set()
+        # (sink, alert key) → (action, batch) of its newest lazily marked row, until synced.
+        self._unsynced: dict[tuple[str, str], tuple[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -410,6 +418,8 @@ class Dispatcher:
                 if wait > 0:
                     await self._sleep(lane, wait)
                     continue
+                if await self._synced_before(key, row):
+                    continue  # the sync took a while: look at the row again
                 lane.turn = gate.turn(live=row.id in self._live)
                 try:
                     granted = await lane.turn
@@ -417,7 +427,7 @@ class Dispatcher:
                     lane.turn = None
                 if not granted or not lane.rows or lane.rows[0].id != row.id:
                     continue  # stopping, or the row was dropped while it waited
-                await self._attempt(bound, sink, gate, lane, lane.rows[0])
+                await self._attempt(key, bound, sink, gate, lane, lane.rows[0])
         finally:
             idle = not lane.rows and not lane.on_disk
             if self.lanes.get(key) is lane and idle:
@@ -434,8 +444,23 @@ class Dispatcher:
         except TimeoutError:
             pass
 
+    async def _synced_before(self, key: tuple[str, str], row: OutboxRow) -> bool:
+        """Make the key's lazy marks durable before a row of the other action goes out
+        (True: it waited for a sync)."""
+        unsynced = self._unsynced.get(key)
+        if unsynced is None or unsynced[0] == row.message.action:
+            return False
+        if self.store.synced >= unsynced[1]:  # a full commit since made them durable
+            del self._unsynced[key]
+            return False
+        await self.store.sync()
+        if self._unsynced.get(key) == unsynced:
+            del self._unsynced[key]
+        return True
+
     async def _attempt(
         self,
+        key: tuple[str, str],
         bound: structlog.typing.FilteringBoundLogger,
         sink: Sink,
         gate: SinkGate,
@@ -462,10 +487,18 @@ class Dispatcher:
         attempts = row.attempts + 1
         if outcome.kind == "delivered":
             gate.last_success, gate.failing_since = now, None
-            # Committed before the lane sends its next row: after a crash only this row can
-            # be sent again, never an older one after a newer (which could re-open a
-            # closed alert at the platform).
-            await self.store.mark_delivered(row.id, outcome.status)
+            # Committed before the lane sends its next row: after a crash, never an older
+            # row of the other action is sent again after a newer one (which could re-open
+            # a closed alert at the platform). Durable at once when the next row is known
+            # to be of the other action; else lazy, and synced later if need be.
+            action = row.message.action
+            after = lane.rows[1] if len(lane.rows) > 1 and lane.rows[0].id == row.id else None
+            durable = after is not None and after.message.action != action
+            batch = await self.store.mark_delivered(row.id, outcome.status, durable=durable)
+            if durable:
+                self._unsynced.pop(key, None)
+            else:
+                self._unsynced[key] = (action, batch)
             latency = now - row.message.pressed_at.timestamp()
             bound.info(
                 "delivered",

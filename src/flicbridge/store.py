@@ -70,9 +70,12 @@ class Job(NamedTuple):
 
     A ``lazy`` job (a delivered mark) may be committed without its own fsync: it survives
     kill -9 at once (the WAL is written before the future resolves) and power loss from
-    the next full commit on. A power cut before then loses it together with every later
-    write of the WAL (SQLite's WAL is a checksummed prefix), so the rows are sent again, in
-    their order, with their dedup keys: a repeat, never a loss or a reorder."""
+    the next full commit on (``Store.synced``). A power cut before then loses it together
+    with every later write of the WAL (SQLite's WAL is a checksummed prefix), so those rows
+    are sent again, in their order. The dispatcher makes that repeat harmless: it never
+    sends a row of the other action (open after close) while a lazy mark of its key is
+    not yet durable, so what a power cut repeats is a run of one action, which the
+    platform deduplicates by the alert key."""
 
     op: Op
     future: asyncio.Future[Any]
@@ -515,6 +518,11 @@ class Store:
         self.healthy = True
         self.last_error = ""
         self.commits = 0
+        # Batches committed, and the newest one made durable by a full commit (fsync): a
+        # lazy write in batch N survives a power cut once ``synced >= N``. Written by the
+        # writer thread, read on the loop.
+        self.batches = 0
+        self.synced = 0
         self._on_health = on_health
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -686,6 +694,9 @@ class Store:
                 delay = min(delay * 2, 5.0)
                 continue
             self.commits += 1
+            self.batches += 1
+            if durable:  # its fsync also made every earlier (lazy) batch durable
+                self.synced = self.batches
             if not self.healthy:
                 self._report(True, "")
             for future, value, error in results:
@@ -849,12 +860,16 @@ class Store:
 
         return self.submit(op, urgent=urgent)
 
-    def mark_delivered(self, row_id: int, status: int | None) -> asyncio.Future[None]:
-        """The row reached its sink; keep it as bounded history."""
+    def mark_delivered(
+        self, row_id: int, status: int | None, *, durable: bool = True
+    ) -> asyncio.Future[int]:
+        """The row reached its sink; keep it as bounded history. Resolves to the number of
+        the batch it committed in. Not ``durable``: committed without its own fsync (see
+        Job), durable once ``synced`` reaches that number (or after ``sync``)."""
         history = self.history
         now = self.clock()
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> int:
             conn.execute(
                 "UPDATE outbox SET status = 'delivered', last_status = ?, last_error = NULL,"
                 " done_at = ?, attempts = attempts + 1 WHERE id = ?",
@@ -872,9 +887,20 @@ class Store:
                     conn.execute(
                         "DELETE FROM outbox WHERE status = 'delivered' AND id <= ?", (cutoff[0],)
                     )
+            return self.batches + 1  # this batch's number once it commits
 
-        # Lazy: a mark lost to a power cut only sends the row again (see Job).
-        return self.submit(op, lazy=True)
+        return self.submit(op, lazy=not durable)
+
+    def sync(self) -> asyncio.Future[None]:
+        """A full commit (fsync): every lazy write committed before it survives a power cut."""
+        stamp = str(self.clock())
+
+        def op(conn: sqlite3.Connection) -> None:  # a real write, or the commit syncs nothing
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('synced_at', ?)", (stamp,)
+            )
+
+        return self.submit(op)
 
     def schedule_retry(
         self, row_id: int, attempts: int, next_attempt_at: float, status: int | None, error: str
