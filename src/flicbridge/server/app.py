@@ -21,9 +21,9 @@ from flicbridge.secrecy import mask, same_secret
 from flicbridge.server import ingest
 from flicbridge.server.http import (
     BRIDGE,
-    COMMIT_WAIT,
     MAX_BODY,
     ApiError,
+    committed,
     error,
     parse,
     read_json,
@@ -160,15 +160,7 @@ def submit(bridge: Core, signal: Signal, **kwargs: Any) -> asyncio.Future[Accept
 async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> dict[str, Any]:
     """Submit a signal and wait for its commit; JSON of the decision."""
     future = submit(bridge, signal, **kwargs)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT):
-            accepted = await asyncio.shield(future)
-    except TimeoutError:
-        raise ApiError(
-            503, "store is slow", "the signal is decided and held; its commit is pending"
-        ) from None
-    except Exception as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
+    accepted = await committed(future, "the signal is decided and held; its commit is pending")
     return {
         "event": accepted.event_id,
         "decision": accepted.decision.value,

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from flicbridge.domain import Decision, Signal, SignalState, utcnow
 from flicbridge.secrecy import same_secret
 from flicbridge.server.app import find_button, submit
-from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
+from flicbridge.server.http import BRIDGE, ApiError, committed, parse, read_json
 
 if TYPE_CHECKING:
     from flicbridge.config import ButtonConfig
@@ -143,14 +143,9 @@ async def run_action(
     before = bridge.states.get(key)
     was_open = before is not None and before.is_open
     future = submit(bridge, signal, callback=callback)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT if wait is None else wait):
-            accepted = await asyncio.shield(future)
-    except TimeoutError:
-        if wait is None:
-            raise ApiError(
-                503, "store is slow", "the action is decided and held; its commit is pending"
-            ) from None
+    if wait is not None:
+        await asyncio.wait({future}, timeout=wait)  # never cancels the commit
+    if not future.done() and wait is not None:
         # The decision is made (the state moved when it was submitted); the store keeps
         # retrying the write. Only this wait ends.
         future.add_done_callback(_consume)
@@ -162,9 +157,8 @@ async def run_action(
             "duplicate": False,
             "pending": True,
         }
-    except Exception as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
     else:
+        accepted = await committed(future, "the action is decided and held; its commit is pending")
         result = {
             "event": accepted.event_id or None,
             "decision": accepted.decision.value,

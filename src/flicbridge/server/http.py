@@ -1,5 +1,5 @@
-"""What every route module shares: the app key of the core, the one error shape, and the
-bounded JSON body reader and validator.
+"""What every route module shares: the app key of the core, the one error shape, the
+bounded JSON body reader and validator, and the bounded wait for a commit.
 
 A leaf of the server package: route modules import it, it imports none of them.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -92,3 +93,29 @@ def parse(model: type[M], data: Any) -> M:
             for e in exc.errors()
         ]
         raise ApiError(400, "invalid body", problems) from None
+
+
+T = TypeVar("T")
+
+
+async def committed(
+    work: Awaitable[T],
+    held: str,
+    *,
+    wait: float | None = None,
+    failure: type[Exception] | tuple[type[Exception], ...] = Exception,
+) -> T:
+    """``work`` (a commit) within ``wait`` seconds (default COMMIT_WAIT), else a 503 ApiError.
+
+    Past the wait it is 503 "store is slow" with ``held`` as the detail: only the request's
+    wait ends, the work itself goes on. A ``failure`` the work raises is 503 "store
+    unavailable"; any other error propagates for the caller to name.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        async with asyncio.timeout(COMMIT_WAIT if wait is None else wait):
+            return await asyncio.shield(task)
+    except TimeoutError:
+        raise ApiError(503, "store is slow", held) from None
+    except failure as exc:
+        raise ApiError(503, "store unavailable", str(exc)) from None

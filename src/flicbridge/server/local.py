@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal, TypeVar
 
 import structlog
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_val
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
 from flicbridge.errors import TokenExpired, TokenInUse, TokenSpent
 from flicbridge.server.callbacks import outcome_text, run_action
-from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
+from flicbridge.server.http import BRIDGE, ApiError, committed, parse, read_json
 from flicbridge.store import StoreError
 from flicbridge.subscriptions import Subscriptions, TooManySubscriptions
 
@@ -121,16 +121,11 @@ class AlertOut(BaseModel):
 # -- subscriptions ---------------------------------------------------------------------
 
 
-async def _committed(operation: Coroutine[Any, Any, T]) -> T:
-    """Await a store write for at most COMMIT_WAIT (then 503; the write itself goes on)."""
-    task = asyncio.ensure_future(operation)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT):
-            return await asyncio.shield(task)
-    except TimeoutError:
-        raise ApiError(503, "store is slow", "the change is held; its commit is pending") from None
-    except StoreError as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
+async def _committed(operation: Awaitable[T]) -> T:
+    """A subscription change, committed; a refusal (too many) is the caller's to name."""
+    return await committed(
+        operation, "the change is held; its commit is pending", failure=StoreError
+    )
 
 
 async def create_subscription(request: web.Request) -> web.Response:
