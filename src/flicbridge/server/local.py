@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_val
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
 from flicbridge.errors import TokenExpired, TokenInUse, TokenSpent
 from flicbridge.server.callbacks import outcome_text, run_action
-from flicbridge.server.http import BRIDGE, ApiError, committed, parse, read_json
+from flicbridge.server.http import (
+    BRIDGE,
+    ApiError,
+    Param,
+    Reply,
+    committed,
+    operation,
+    parse,
+    read_json,
+)
 from flicbridge.store import StoreError
 from flicbridge.subscriptions import Subscriptions, TooManySubscriptions
 
@@ -35,6 +44,7 @@ log = structlog.get_logger(__name__)
 
 SUBSCRIPTIONS: web.AppKey[Subscriptions] = web.AppKey("subscriptions", Subscriptions)
 T = TypeVar("T")
+TAG = "local alerts"
 HEARTBEAT = 15.0  # seconds between comment lines on an idle stream (proxies close silent ones)
 
 
@@ -121,14 +131,21 @@ class AlertOut(BaseModel):
 # -- subscriptions ---------------------------------------------------------------------
 
 
-async def _committed(operation: Awaitable[T]) -> T:
+async def _committed(change: Awaitable[T]) -> T:
     """A subscription change, committed; a refusal (too many) is the caller's to name."""
-    return await committed(
-        operation, "the change is held; its commit is pending", failure=StoreError
-    )
+    return await committed(change, "the change is held; its commit is pending", failure=StoreError)
 
 
-async def create_subscription(request: web.Request) -> web.Response:
+@operation(
+    "alert_subscribe: an sse or webhook subscription to local alerts",
+    tag=TAG,
+    body=SubscriptionBody,
+    example={"channel": "sse", "min_priority": "HIGH"},
+    replies=(Reply(201, "created", SubscriptionOut),),
+    errors=(400, 409, 413),
+    why={409: "too many subscriptions"},
+)
+async def create_subscription(request: web.Request) -> SubscriptionOut:
     body = parse(SubscriptionBody, await read_json(request)).root
     create = request.app[SUBSCRIPTIONS].create(
         body.channel, str(body.url) if body.url else None, body.min_priority
@@ -137,14 +154,28 @@ async def create_subscription(request: web.Request) -> web.Response:
         sub = await _committed(create)
     except TooManySubscriptions as exc:
         raise ApiError(409, "too many subscriptions", str(exc)) from None
-    return web.json_response(sub.to_json(), status=201)
+    return SubscriptionOut.model_validate(sub.to_json())
 
 
-async def list_subscriptions(request: web.Request) -> web.Response:
+@operation(
+    "Every subscription",
+    tag=TAG,
+    replies=(Reply(200, "the subscriptions", SubscriptionList),),
+)
+async def list_subscriptions(request: web.Request) -> SubscriptionList:
     subs = await request.app[SUBSCRIPTIONS].all()
-    return web.json_response({"subscriptions": [s.to_json() for s in subs]})
+    return SubscriptionList(
+        subscriptions=[SubscriptionOut.model_validate(s.to_json()) for s in subs]
+    )
 
 
+@operation(
+    "Remove a subscription",
+    tag=TAG,
+    params=(Param("id", {"type": "string"}, "the subscription id"),),
+    replies=(Reply(204, "removed", media=None),),
+    errors=(404,),
+)
 async def delete_subscription(request: web.Request) -> web.Response:
     sub_id = request.match_info["id"]
     if not await _committed(request.app[SUBSCRIPTIONS].delete(sub_id)):
@@ -171,6 +202,31 @@ def _priority(raw: str) -> Priority:
     raise ApiError(400, "invalid min_priority", "LOW, NORMAL or HIGH")
 
 
+@operation(
+    "Server-Sent Events: one JSON local alert per `data:` line",
+    description=f"`id:` is the alert id; a comment line every {HEARTBEAT:g} s keeps the "
+    "connection open; `Last-Event-ID` replays recent alerts. Each `data:` line is "
+    "an `AlertOut` document. Needs no subscription.",
+    tag=TAG,
+    params=(
+        Param(
+            "min_priority",
+            {"type": "string", "enum": ["LOW", "NORMAL", "HIGH"]},
+            "lowest priority streamed (default LOW, or the subscription's)",
+            where="query",
+        ),
+        Param("subscription", {"type": "string"}, "an sse subscription id", where="query"),
+    ),
+    replies=(
+        Reply(
+            200,
+            "the stream (never ends while the bridge runs)",
+            media="text/event-stream",
+            data=AlertOut,
+        ),
+    ),
+    errors=(400, 404),
+)
 async def alerts_stream(request: web.Request) -> web.StreamResponse:
     bridge = request.app[BRIDGE]
     subs = request.app[SUBSCRIPTIONS]
@@ -243,7 +299,20 @@ async def _close_streams(app: web.Application) -> None:
 # -- action_exec -------------------------------------------------------------------------
 
 
-async def action_exec(request: web.Request) -> web.Response:
+@operation(
+    "action_exec: run an EXECUTE alert's action (close its alert), once",
+    tag=TAG,
+    body=ExecBody,
+    example={"action_exec_token": "token-from-an-EXECUTE-alert"},
+    replies=(Reply(200, "done", ExecResult),),
+    errors=(400, 404, 409, 410, 413, 503),
+    why={
+        404: "unknown token",
+        409: "token already used, or its alert was closed",
+        410: "token expired (24 h)",
+    },
+)
+async def action_exec(request: web.Request) -> ExecResult:
     bridge = request.app[BRIDGE]
     body = parse(ExecBody, await read_json(request))
     if not bridge.accepting:
@@ -263,7 +332,7 @@ async def action_exec(request: web.Request) -> web.Response:
     except TokenExpired:
         raise ApiError(410, "action_exec_token expired", "tokens live 24 hours") from None
     # The token is spent only once its action is committed: a refusal (503) keeps it usable.
-    committed = False
+    landed = False
     try:
         button = bridge.config.button(entry.button_id)
         if button is None:  # tokens live in memory with the config that made them
@@ -275,10 +344,10 @@ async def action_exec(request: web.Request) -> web.Response:
             origin="exec",
             actor=f"action_exec from {request.remote or 'an unknown address'}",
         )
-        committed = not result.get("pending")
+        landed = not result.get("pending")
     finally:
-        bridge.token_done(body.action_exec_token, committed=committed)
-    out = ExecResult(
+        bridge.token_done(body.action_exec_token, committed=landed)
+    return ExecResult(
         button=button.id,
         alert_key=result["alert_key"],
         action="close",
@@ -287,7 +356,6 @@ async def action_exec(request: web.Request) -> web.Response:
         rows=result["rows"],
         text=outcome_text("en", "close", button.display_name, result),
     )
-    return web.json_response(out.model_dump())
 
 
 def add_routes(app: web.Application) -> None:
