@@ -12,8 +12,7 @@ the person who clicked) and are committed like a press; a close with nothing ope
 ``[flashduty] enabled = false`` makes the routes answer 404.
 
 iLert: ``POST /ilert/action-requests`` answers ``{"actions": [...]}`` — the shape
-of iLert's own demo provider (iLert/dynamic-action-provider) and of the seed's sample
-handler; the seed's schema block shows the bare array inside it — with at most three
+of iLert's own demo provider (iLert/dynamic-action-provider) — with at most three
 actions whose ids are deterministic (``close:<button id>``, ``rearm:<button id>``): iLert
 caches actions for an hour and maps its ids back to ours. ``POST /ilert/action-responses``
 runs one and answers ``{"success": bool, "text": ...}`` in the request's locale (en, de).
@@ -201,10 +200,6 @@ def _consume(future: asyncio.Future[Any]) -> None:
         log.error("callback_commit_failed", error=str(future.exception()))
 
 
-def _secret_matches(given: str | None, expected: str) -> bool:
-    return same_secret(given, expected)
-
-
 # -- iLert -------------------------------------------------------------------------------
 
 
@@ -276,7 +271,7 @@ def _ilert_guard(request: web.Request) -> None:
     config = request.app[BRIDGE].config.ilert
     if not config.enabled:
         raise ApiError(404, "not found", "iLert callbacks are disabled ([ilert] enabled)")
-    if config.authorization is not None and not _secret_matches(
+    if config.authorization is not None and not same_secret(
         request.headers.get("Authorization"), config.authorization.get_secret_value()
     ):
         raise ApiError(401, "wrong or missing Authorization header", None)
@@ -435,7 +430,7 @@ class FlashdutyIncident(BaseModel):
     model_config = ConfigDict(extra="allow")
     incident_id: str | None = None
     title: str | None = None
-    event_id: str | None = Field(None, max_length=200)  # where the seed's example puts it
+    event_id: str | None = Field(None, max_length=200)  # some pushes carry it here, not at the top
     labels: dict[str, Any] | None = None
     alerts: list[FlashdutyAlert] | None = Field(None, max_length=1000)
 
@@ -520,7 +515,7 @@ def _flashduty_handler(action: Action) -> Handler:
             raise ApiError(
                 404, "not found", "Flashduty callbacks are disabled ([flashduty] enabled)"
             )
-        if config.secret is not None and not _secret_matches(
+        if config.secret is not None and not same_secret(
             request.headers.get(config.header), config.secret.get_secret_value()
         ):
             raise ApiError(401, f"wrong or missing {config.header} header", None)

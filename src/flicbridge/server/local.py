@@ -38,11 +38,10 @@ from flicbridge.server.http import (
     read_json,
 )
 from flicbridge.store import StoreError
-from flicbridge.subscriptions import Subscriptions, TooManySubscriptions
+from flicbridge.subscriptions import TooManySubscriptions
 
 log = structlog.get_logger(__name__)
 
-SUBSCRIPTIONS: web.AppKey[Subscriptions] = web.AppKey("subscriptions", Subscriptions)
 T = TypeVar("T")
 TAG = "local alerts"
 HEARTBEAT = 15.0  # seconds between comment lines on an idle stream (proxies close silent ones)
@@ -147,7 +146,7 @@ async def _committed(change: Awaitable[T]) -> T:
 )
 async def create_subscription(request: web.Request) -> SubscriptionOut:
     body = parse(SubscriptionBody, await read_json(request)).root
-    create = request.app[SUBSCRIPTIONS].create(
+    create = request.app[BRIDGE].subscriptions.create(
         body.channel, str(body.url) if body.url else None, body.min_priority
     )
     try:
@@ -163,7 +162,7 @@ async def create_subscription(request: web.Request) -> SubscriptionOut:
     replies=(Reply(200, "the subscriptions", SubscriptionList),),
 )
 async def list_subscriptions(request: web.Request) -> SubscriptionList:
-    subs = await request.app[SUBSCRIPTIONS].all()
+    subs = await request.app[BRIDGE].subscriptions.all()
     return SubscriptionList(
         subscriptions=[SubscriptionOut.model_validate(s.to_json()) for s in subs]
     )
@@ -178,7 +177,7 @@ async def list_subscriptions(request: web.Request) -> SubscriptionList:
 )
 async def delete_subscription(request: web.Request) -> web.Response:
     sub_id = request.match_info["id"]
-    if not await _committed(request.app[SUBSCRIPTIONS].delete(sub_id)):
+    if not await _committed(request.app[BRIDGE].subscriptions.delete(sub_id)):
         raise ApiError(404, "no subscription with that id", sub_id)
     return web.Response(status=204)
 
@@ -229,7 +228,7 @@ def _priority(raw: str) -> Priority:
 )
 async def alerts_stream(request: web.Request) -> web.StreamResponse:
     bridge = request.app[BRIDGE]
-    subs = request.app[SUBSCRIPTIONS]
+    subs = request.app[BRIDGE].subscriptions
     min_priority: Priority = "LOW"
     sub_id = request.query.get("subscription")
     if sub_id is not None:
@@ -293,7 +292,7 @@ async def alerts_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _close_streams(app: web.Application) -> None:
-    app[SUBSCRIPTIONS].closing.set()
+    app[BRIDGE].subscriptions.closing.set()
 
 
 # -- action_exec -------------------------------------------------------------------------
@@ -360,7 +359,6 @@ async def action_exec(request: web.Request) -> ExecResult:
 
 def add_routes(app: web.Application) -> None:
     """Register the local alert routes; the subscriptions' lanes run with the bridge."""
-    app[SUBSCRIPTIONS] = app[BRIDGE].subscriptions  # its lanes run with the bridge
     app.on_shutdown.append(_close_streams)
     app.router.add_post("/api/v1/subscriptions", create_subscription)
     app.router.add_get("/api/v1/subscriptions", list_subscriptions)
