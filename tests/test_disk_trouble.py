@@ -22,6 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import flicbridge.server.app
+import flicbridge.server.http
 from flicbridge.alerts import Subscriber
 from flicbridge.app import Bridge
 from flicbridge.config import Config
@@ -95,7 +96,7 @@ async def test_full_disk_is_loud_holds_presses_and_delivers_them_after_recovery(
     """Disk full: a log line, readyz 503 with the reason, store_healthy 0, an ERROR alert,
     status still answering, nothing delivered or lost; space freed: the held flicd press
     and the HTTP signal (answered 503 while held) commit and are delivered."""
-    monkeypatch.setattr(flicbridge.server.app, "COMMIT_WAIT", 0.5)  # an HTTP caller's wait
+    monkeypatch.setattr(flicbridge.server.http, "COMMIT_WAIT", 0.5)  # an HTTP caller's wait
     config = trouble_config(tmp_path, sim, receiver)
     with capture_logs() as logs:
         async with (

@@ -30,9 +30,9 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from flicbridge.server.app import find_button
+from flicbridge.server.app import BUTTON_ID, find_button
 from flicbridge.server.callbacks import run_action
-from flicbridge.server.http import BRIDGE, MAX_BODY, ApiError, parse, read_json
+from flicbridge.server.http import BRIDGE, MAX_BODY, ApiError, Reply, operation, parse, read_json
 
 if TYPE_CHECKING:
     from flicbridge.core import Core
@@ -87,14 +87,14 @@ class PagerDutyResult(BaseModel):
     reason: str | None = None
 
 
-def ack_json(ack: AckRecord) -> dict[str, Any]:
-    return {
-        "button": ack.button_id,
-        "alert_key": ack.alert_key,
-        "acknowledged_by": ack.by,
-        "acknowledged_at": ack.at.isoformat(),
-        "source": ack.source,
-    }
+def ack_out(ack: AckRecord) -> AckOut:
+    return AckOut(
+        button=ack.button_id,
+        alert_key=ack.alert_key,
+        acknowledged_by=ack.by,
+        acknowledged_at=ack.at.isoformat(),
+        source=ack.source,
+    )
 
 
 def signature_valid(secret: bytes, body: bytes, header: str | None) -> bool:
@@ -116,12 +116,27 @@ def _text(value: Any, limit: int = BY_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _ignored(reason: str, **ctx: Any) -> web.Response:
+def _ignored(reason: str, **ctx: Any) -> PagerDutyResult:
     log.info("pagerduty_webhook_ignored", reason=reason, **ctx)
-    return web.json_response({"result": "ignored", "button": None, "reason": reason})
+    return PagerDutyResult(result="ignored", button=None, reason=reason)
 
 
-async def pagerduty_webhook(request: web.Request) -> web.Response:
+@operation(
+    "PagerDuty Webhooks v3: incident acknowledged / resolved",
+    description="Verified by `X-PagerDuty-Signature` (`v1=` hex HMAC-SHA256 of the "
+    "raw body with `[pagerduty] webhook_secret`; several comma-separated, any valid "
+    "one passes). `incident.acknowledged` records `event.agent.summary` as "
+    "acknowledging; `incident.resolved` closes the alert here without sending Off. "
+    "The button is found by `event.data.incident_key`. Other events and unknown "
+    "incidents answer 200 `ignored`. 404 while no secret is set.",
+    tag="callbacks",
+    security="pagerdutySignature",
+    body=PagerDutyDelivery,
+    replies=(Reply(200, "handled or ignored", PagerDutyResult),),
+    errors=(400, 401, 404, 413, 503),
+    why={401: "no valid v1 signature", 400: "not JSON"},
+)
+async def pagerduty_webhook(request: web.Request) -> PagerDutyResult:
     bridge = request.app[BRIDGE]
     secret = bridge.config.pagerduty.webhook_secret
     if secret is None:
@@ -153,26 +168,41 @@ async def pagerduty_webhook(request: web.Request) -> web.Response:
     agent = event.get("agent")
     by = _text(agent.get("summary")) if isinstance(agent, dict) else ""
     if event_type == "incident.acknowledged":
-        return web.json_response(_acknowledge(bridge, button.id, by, ctx))
+        return _acknowledge(bridge, button.id, by, ctx)
     result = await run_action(bridge, button, "rearm", origin="pagerduty", actor=by)
     if result["decision"] != "close":
         log.info("pagerduty_webhook_ignored", reason="alert not open", button=button.id, **ctx)
-        return web.json_response(
-            {"result": "ignored", "button": button.id, "reason": "the alert is not open here"}
+        return PagerDutyResult(
+            result="ignored", button=button.id, reason="the alert is not open here"
         )
     bridge.feedback("resolved", button.id, by)
-    return web.json_response({"result": "resolved", "button": button.id, "reason": None})
+    return PagerDutyResult(result="resolved", button=button.id, reason=None)
 
 
-def _acknowledge(bridge: Core, button_id: str, by: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def _acknowledge(bridge: Core, button_id: str, by: str, ctx: dict[str, Any]) -> PagerDutyResult:
     ack = bridge.acknowledge(button_id, by, source="pagerduty")
     if ack is None:
         log.info("pagerduty_webhook_ignored", reason="alert not open", button=button_id, **ctx)
-        return {"result": "ignored", "button": button_id, "reason": "the alert is not open here"}
-    return {"result": "acknowledged", "button": button_id, "reason": None}
+        return PagerDutyResult(
+            result="ignored", button=button_id, reason="the alert is not open here"
+        )
+    return PagerDutyResult(result="acknowledged", button=button_id, reason=None)
 
 
-async def button_ack(request: web.Request) -> web.Response:
+@operation(
+    "Acknowledge the button's open alert: someone is on the way",
+    description="Recorded with the alert (status `acknowledged_by`, "
+    "`acknowledged_at`), published as a HIGH INFO local alert and runs "
+    "`[feedback] command`. The next open clears it.",
+    tag="signals",
+    params=(BUTTON_ID,),
+    body=AckBody,
+    example={"by": "Ada at the front desk"},
+    replies=(Reply(200, "recorded", AckOut),),
+    errors=(400, 404, 409, 413),
+    why={409: "the button's alert is not open"},
+)
+async def button_ack(request: web.Request) -> AckOut:
     bridge = request.app[BRIDGE]
     button_id = request.match_info["id"]
     if bridge.config.button(button_id) is None:
@@ -184,7 +214,7 @@ async def button_ack(request: web.Request) -> web.Response:
     ack = bridge.acknowledge(button_id, by, source="api")
     if ack is None:
         raise ApiError(409, "nothing to acknowledge", f"the alert of {button_id} is not open")
-    return web.json_response(ack_json(ack))
+    return ack_out(ack)
 
 
 def add_routes(app: web.Application) -> None:

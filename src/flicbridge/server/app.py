@@ -7,7 +7,6 @@ Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx; bodies over 64
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -21,23 +20,30 @@ from flicbridge.secrecy import mask, same_secret
 from flicbridge.server import ingest
 from flicbridge.server.http import (
     BRIDGE,
-    COMMIT_WAIT,
     MAX_BODY,
     ApiError,
+    Handler,
+    Param,
+    Reply,
+    committed,
     error,
+    operation,
     parse,
     read_json,
+    reply,
+    requires_token,
+    sample_button,
 )
 from flicbridge.store import StoreError
 
 if TYPE_CHECKING:
-    from flicbridge.config import ButtonConfig
+    from flicbridge.config import ButtonConfig, Config
     from flicbridge.core import Accepted, Core
+    from flicbridge.store import OutboxRow
 
 log = structlog.get_logger(__name__)
 
 STATUS_READ_WAIT = 0.5  # seconds the status waits for the disk before answering from memory
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -93,15 +99,10 @@ def _token(request: web.Request) -> str | None:
     return request.cookies.get("flicbridge_token") or None
 
 
-def _requires_token(request: web.Request) -> bool:
-    path = request.path
-    return path.startswith("/api/v1/") or path == "/"
-
-
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     # ingest.middleware (before this one) admits ingest requests by a source's own token.
-    if _requires_token(request) and ingest.SOURCE not in request:
+    if requires_token(request.path) and ingest.SOURCE not in request:
         configured = request.app[BRIDGE].config.server.token
         if configured is None:
             return error(403, "API disabled", "set [server] token to use /api/v1 and /")
@@ -141,6 +142,108 @@ class IngestBody(BaseModel):
         return value.strip().capitalize() if isinstance(value, str) else value
 
 
+# -- response models -------------------------------------------------------------------
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    reasons: list[str]
+
+
+class AcceptedOut(BaseModel):
+    """A signal's decision, committed."""
+
+    event: int
+    decision: Literal["open", "appended", "resent", "close", "ignored"]
+    rows: int
+    duplicate: bool
+
+
+class StatusButton(BaseModel):
+    id: str
+    name: str
+    alert_key: str
+    source: str
+    state: Literal["open", "closed"]
+    opened_at: str | None
+    last_press: str | None
+    last_decision: str | None
+    connected: bool | None
+    link_detail: str
+    battery: int | None
+    acknowledged_by: str | None
+    acknowledged_at: str | None
+    sinks: list[str]
+
+
+class StatusSink(BaseModel):
+    id: str
+    type: str
+    url: str
+    pending: int
+    dead: int
+    delivered_kept: int
+    last_success: float | None
+    last_error: str | None
+    paused_until: float | None
+
+
+class StatusStore(BaseModel):
+    path: str
+    ok: bool
+
+
+class StatusSource(BaseModel):
+    connected: bool
+    detail: str
+
+
+class StatusOut(BaseModel):
+    version: str
+    site: str | None
+    uptime_s: float
+    ready: bool
+    reasons: list[str]
+    store: StatusStore
+    sources: dict[str, StatusSource]
+    buttons: list[StatusButton]
+    sinks: list[StatusSink]
+
+
+class OutboxRowOut(BaseModel):
+    id: int
+    sink: str
+    alert_key: str
+    action: Literal["open", "close"]
+    state: Literal["On", "Off"]
+    button: str
+    event: int
+    status: Literal["pending", "delivered", "dead"]
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+class OutboxOut(BaseModel):
+    pending: list[OutboxRowOut]
+    dead: list[OutboxRowOut]
+
+
+class RequeuedOut(BaseModel):
+    requeued: list[int]
+
+
+class DroppedOut(BaseModel):
+    dropped: int
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
@@ -157,24 +260,16 @@ def submit(bridge: Core, signal: Signal, **kwargs: Any) -> asyncio.Future[Accept
         raise ApiError(503, "store unavailable", str(exc)) from None
 
 
-async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> dict[str, Any]:
-    """Submit a signal and wait for its commit; JSON of the decision."""
+async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> AcceptedOut:
+    """Submit a signal and wait for its commit; the decision."""
     future = submit(bridge, signal, **kwargs)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT):
-            accepted = await asyncio.shield(future)
-    except TimeoutError:
-        raise ApiError(
-            503, "store is slow", "the signal is decided and held; its commit is pending"
-        ) from None
-    except Exception as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
-    return {
-        "event": accepted.event_id,
-        "decision": accepted.decision.value,
-        "rows": len(accepted.rows),
-        "duplicate": accepted.duplicate,
-    }
+    accepted = await committed(future, "the signal is decided and held; its commit is pending")
+    return AcceptedOut(
+        event=accepted.event_id,
+        decision=accepted.decision.value,
+        rows=len(accepted.rows),
+        duplicate=accepted.duplicate,
+    )
 
 
 def find_button(bridge: Core, name: str) -> ButtonConfig | None:
@@ -190,8 +285,13 @@ def find_button(bridge: Core, name: str) -> ButtonConfig | None:
 # -- handlers --------------------------------------------------------------------------
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+@operation(
+    "Liveness: 200 while the event loop runs",
+    tag="operations",
+    replies=(Reply(200, "alive", HealthOut),),
+)
+async def healthz(request: web.Request) -> HealthOut:
+    return HealthOut(status="ok", version=__version__)
 
 
 def readiness(bridge: Core) -> list[str]:
@@ -211,19 +311,31 @@ def readiness(bridge: Core) -> list[str]:
     return reasons
 
 
-async def readyz(request: web.Request) -> web.Response:
+@operation(
+    "Readiness: the store commits and every radio source is connected",
+    tag="operations",
+    replies=(
+        Reply(200, "ready", ReadyOut),
+        Reply(503, "not ready, with the reasons", ReadyOut),
+    ),
+)
+async def readyz(request: web.Request) -> ReadyOut | web.Response:
     reasons = readiness(request.app[BRIDGE])
-    return web.json_response(
-        {"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200
-    )
+    out = ReadyOut(ready=not reasons, reasons=reasons)
+    return reply(out, 503) if reasons else out
 
 
+@operation(
+    "Prometheus metrics (text exposition format)",
+    tag="operations",
+    replies=(Reply(200, "metrics", media="text/plain"),),
+)
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[BRIDGE].metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
-async def status_json(bridge: Core) -> dict[str, Any]:
+async def status_document(bridge: Core) -> StatusOut:
     """The status document shared by the API, the page and ``flicbridge status``."""
     counts = await bridge.store.counts_within(STATUS_READ_WAIT)  # memory if the disk stalls
     depth = bridge.dispatcher.depth()
@@ -232,61 +344,79 @@ async def status_json(bridge: Core) -> dict[str, Any]:
         key = bridge.config.alert_key(button)
         state = bridge.states.get(key)
         link = bridge.buttons[button.id]
+        ack = bridge.acks.get(key)
         buttons.append(
-            {
-                "id": button.id,
-                "name": button.display_name,
-                "alert_key": key,
-                "source": button.source,
-                "state": "open" if state and state.is_open else "closed",
-                "opened_at": state.opened_at.isoformat() if state and state.opened_at else None,
-                "last_press": link.last_press,
-                "last_decision": link.last_decision,
-                "connected": link.connected,
-                "link_detail": link.detail,
-                "battery": link.battery,
-                "acknowledged_by": ack.by if (ack := bridge.acks.get(key)) else None,
-                "acknowledged_at": ack.at.isoformat() if ack else None,
-                "sinks": [s.id for s in bridge.config.sinks_of(button)],
-            }
+            StatusButton(
+                id=button.id,
+                name=button.display_name,
+                alert_key=key,
+                source=button.source,
+                state="open" if state and state.is_open else "closed",
+                opened_at=state.opened_at.isoformat() if state and state.opened_at else None,
+                last_press=link.last_press,
+                last_decision=link.last_decision,
+                connected=link.connected,
+                link_detail=link.detail,
+                battery=link.battery,
+                acknowledged_by=ack.by if ack else None,
+                acknowledged_at=ack.at.isoformat() if ack else None,
+                sinks=[s.id for s in bridge.config.sinks_of(button)],
+            )
         )
     sinks = []
     for sink_id, sink in bridge.sinks.items():
         gate = bridge.dispatcher.gates[sink_id]
         sinks.append(
-            {
-                "id": sink_id,
-                "type": sink.type,
-                "url": sink.public_url,
-                "pending": depth.get(sink_id, 0),
-                "dead": counts.get(sink_id, {}).get("dead", 0),
-                "delivered_kept": counts.get(sink_id, {}).get("delivered", 0),
-                "last_success": gate.last_success,
-                "last_error": gate.last_error,
-                "paused_until": gate.paused_until or None,
-            }
+            StatusSink(
+                id=sink_id,
+                type=sink.type,
+                url=sink.public_url,
+                pending=depth.get(sink_id, 0),
+                dead=counts.get(sink_id, {}).get("dead", 0),
+                delivered_kept=counts.get(sink_id, {}).get("delivered", 0),
+                last_success=gate.last_success,
+                last_error=gate.last_error,
+                paused_until=gate.paused_until or None,
+            )
         )
-    return {
-        "version": __version__,
-        "site": bridge.config.site,
-        "uptime_s": round(bridge.mono() - bridge.started_at, 1),
-        "ready": not readiness(bridge),
-        "reasons": readiness(bridge),
-        "store": {"path": str(bridge.store.path), "ok": bridge.health.store_ok},
-        "sources": {
-            name: {"connected": up, "detail": bridge.health.source_detail.get(name, "")}
+    return StatusOut(
+        version=__version__,
+        site=bridge.config.site,
+        uptime_s=round(bridge.mono() - bridge.started_at, 1),
+        ready=not readiness(bridge),
+        reasons=readiness(bridge),
+        store=StatusStore(path=str(bridge.store.path), ok=bridge.health.store_ok),
+        sources={
+            name: StatusSource(connected=up, detail=bridge.health.source_detail.get(name, ""))
             for name, up in bridge.health.source_up.items()
         },
-        "buttons": buttons,
-        "sinks": sinks,
-    }
+        buttons=buttons,
+        sinks=sinks,
+    )
 
 
-async def status(request: web.Request) -> web.Response:
-    return web.json_response(await status_json(request.app[BRIDGE]))
+@operation(
+    "Buttons, alert states, battery, sources, per-sink queue and last results",
+    tag="status",
+    replies=(Reply(200, "the status document", StatusOut),),
+)
+async def status(request: web.Request) -> StatusOut:
+    return await status_document(request.app[BRIDGE])
 
 
-async def button_signal(request: web.Request) -> web.Response:
+BUTTON_ID = Param("id", {"type": "string"}, "the button id", example=lambda c: sample_button(c)[0])
+
+
+@operation(
+    "Open (On) or close (Off) a button's alert, as a press would",
+    tag="signals",
+    params=(BUTTON_ID,),
+    body=SignalBody,
+    example={"state": "On", "info": "test"},
+    replies=(Reply(202, "decided and committed", AcceptedOut),),
+    errors=(400, 404, 413, 503),
+)
+async def button_signal(request: web.Request) -> AcceptedOut:
     bridge = request.app[BRIDGE]
     button_id = request.match_info["id"]
     if bridge.config.button(button_id) is None:
@@ -299,10 +429,26 @@ async def button_signal(request: web.Request) -> web.Response:
         received_at=utcnow(),
         info=body.info,
     )
-    return web.json_response(await accept(bridge, signal), status=202)
+    return await accept(bridge, signal)
 
 
-async def ingest_flic(request: web.Request) -> web.Response:
+def _ingest_example(config: Config) -> dict[str, str]:
+    key = sample_button(config)[1]
+    return {"flic_nameId": key, "flic_state": "On", "info": "from the Flic app"}
+
+
+@operation(
+    "AlertOps-style Flic body (Flic app HTTP action, Flic Hub module)",
+    description="Besides the server token, `?token=` may carry an `[ingest]` "
+    "source's own token (rate limited per source).",
+    tag="signals",
+    body=IngestBody,
+    example=_ingest_example,
+    replies=(Reply(202, "decided and committed", AcceptedOut),),
+    errors=(400, 404, 413, 429, 503),
+    why={404: "no button has that flic_nameId"},
+)
+async def ingest_flic(request: web.Request) -> AcceptedOut:
     bridge = request.app[BRIDGE]
     body = parse(IngestBody, await read_json(request))
     button = find_button(bridge, body.flic_nameId)
@@ -316,34 +462,45 @@ async def ingest_flic(request: web.Request) -> web.Response:
         info=body.info,
         actor=request.get(ingest.SOURCE, ""),  # the [ingest] source, if its token admitted it
     )
-    return web.json_response(await accept(bridge, signal), status=202)
+    return await accept(bridge, signal)
 
 
-def row_json(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "sink": row.sink_id,
-        "alert_key": row.alert_key,
-        "action": row.message.action,
-        "state": row.message.state.value,
-        "button": row.message.button_id,
-        "event": row.message.event,
-        "status": row.status,
-        "attempts": row.attempts,
-        "created_at": row.created_at,
-        "next_attempt_at": row.next_attempt_at,
-        "last_status": row.last_status,
-        "last_error": row.last_error,
-    }
+def row_out(row: OutboxRow) -> OutboxRowOut:
+    return OutboxRowOut(
+        id=row.id,
+        sink=row.sink_id,
+        alert_key=row.alert_key,
+        action=row.message.action,
+        state=row.message.state.value,
+        button=row.message.button_id,
+        event=row.message.event,
+        status=row.status,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at,
+        last_status=row.last_status,
+        last_error=row.last_error,
+    )
 
 
-async def outbox(request: web.Request) -> web.Response:
+def row_json(row: OutboxRow) -> dict[str, Any]:
+    """An outbox row as the API shows it (``flicbridge queue`` prints the same)."""
+    return row_out(row).model_dump(mode="json")
+
+
+@operation(
+    "Pending and dead-lettered outbox rows (newest 500 of each)",
+    tag="outbox",
+    replies=(Reply(200, "the rows", OutboxOut),),
+)
+async def outbox(request: web.Request) -> OutboxOut:
     bridge = request.app[BRIDGE]
     pending = await bridge.store.rows("pending", 500)
     dead = await bridge.store.rows("dead", 500)
-    return web.json_response(
-        {"pending": [row_json(r) for r in pending], "dead": [row_json(r) for r in dead]}
-    )
+    return OutboxOut(pending=[row_out(r) for r in pending], dead=[row_out(r) for r in dead])
+
+
+ROW_ID = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
 
 def _row_id(request: web.Request) -> int:
@@ -356,18 +513,36 @@ def _row_id(request: web.Request) -> int:
     return row_id
 
 
-async def outbox_retry(request: web.Request) -> web.Response:
+@operation(
+    "Re-queue a dead row (or every dead row with `dead`)",
+    tag="outbox",
+    params=(
+        Param(
+            "row", {"anyOf": [ROW_ID, {"const": "dead"}]}, "a row id, or `dead` for every dead row"
+        ),
+    ),
+    replies=(Reply(200, "re-queued rows", RequeuedOut),),
+    errors=(400, 404),
+)
+async def outbox_retry(request: web.Request) -> RequeuedOut:
     bridge = request.app[BRIDGE]
     raw = request.match_info["row"]
     rows = await bridge.requeue(None if raw == "dead" else _row_id(request))
     if not rows and raw != "dead":
         raise ApiError(404, "no dead row with that id", raw)
-    return web.json_response({"requeued": [r.id for r in rows]})
+    return RequeuedOut(requeued=[r.id for r in rows])
 
 
-async def outbox_drop(request: web.Request) -> web.Response:
+@operation(
+    "Drop a pending or dead row an operator gave up on",
+    tag="outbox",
+    params=(Param("row", ROW_ID, "the row id"),),
+    replies=(Reply(200, "dropped", DroppedOut),),
+    errors=(400, 404),
+)
+async def outbox_drop(request: web.Request) -> DroppedOut:
     bridge = request.app[BRIDGE]
     row_id = _row_id(request)
     if not await bridge.drop(row_id):
         raise ApiError(404, "no pending or dead row with that id", row_id)
-    return web.json_response({"dropped": row_id})
+    return DroppedOut(dropped=row_id)

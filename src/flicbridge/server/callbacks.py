@@ -12,8 +12,7 @@ the person who clicked) and are committed like a press; a close with nothing ope
 ``[flashduty] enabled = false`` makes the routes answer 404.
 
 iLert: ``POST /ilert/action-requests`` answers ``{"actions": [...]}`` — the shape
-of iLert's own demo provider (iLert/dynamic-action-provider) and of the seed's sample
-handler; the seed's schema block shows the bare array inside it — with at most three
+of iLert's own demo provider (iLert/dynamic-action-provider) — with at most three
 actions whose ids are deterministic (``close:<button id>``, ``rearm:<button id>``): iLert
 caches actions for an hour and maps its ids back to ours. ``POST /ilert/action-responses``
 runs one and answers ``{"success": bool, "text": ...}`` in the request's locale (en, de).
@@ -27,20 +26,37 @@ answers 200 and does nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    model_serializer,
+)
 
 from flicbridge.domain import Decision, Signal, SignalState, utcnow
 from flicbridge.secrecy import same_secret
 from flicbridge.server.app import find_button, submit
-from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
+from flicbridge.server.http import (
+    BRIDGE,
+    ApiError,
+    Handler,
+    Reply,
+    committed,
+    operation,
+    parse,
+    read_json,
+    sample_button,
+)
 
 if TYPE_CHECKING:
-    from flicbridge.config import ButtonConfig
+    from flicbridge.config import ButtonConfig, Config
     from flicbridge.core import Core
 
 log = structlog.get_logger(__name__)
@@ -143,14 +159,9 @@ async def run_action(
     before = bridge.states.get(key)
     was_open = before is not None and before.is_open
     future = submit(bridge, signal, callback=callback)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT if wait is None else wait):
-            accepted = await asyncio.shield(future)
-    except TimeoutError:
-        if wait is None:
-            raise ApiError(
-                503, "store is slow", "the action is decided and held; its commit is pending"
-            ) from None
+    if wait is not None:
+        await asyncio.wait({future}, timeout=wait)  # never cancels the commit
+    if not future.done() and wait is not None:
         # The decision is made (the state moved when it was submitted); the store keeps
         # retrying the write. Only this wait ends.
         future.add_done_callback(_consume)
@@ -162,9 +173,8 @@ async def run_action(
             "duplicate": False,
             "pending": True,
         }
-    except Exception as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
     else:
+        accepted = await committed(future, "the action is decided and held; its commit is pending")
         result = {
             "event": accepted.event_id or None,
             "decision": accepted.decision.value,
@@ -188,10 +198,6 @@ async def run_action(
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("callback_commit_failed", error=str(future.exception()))
-
-
-def _secret_matches(given: str | None, expected: str) -> bool:
-    return same_secret(given, expected)
 
 
 # -- iLert -------------------------------------------------------------------------------
@@ -241,6 +247,14 @@ class IlertAction(BaseModel):
     text: str
     url: str | None = None
 
+    @model_serializer(mode="wrap")
+    def _without_url(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``url`` key at all when none is set: iLert then calls its responseUrl."""
+        out: dict[str, Any] = handler(self)
+        if out.get("url") is None:
+            out.pop("url", None)
+        return out
+
 
 class IlertActions(BaseModel):
     """Up to three actions; ``url`` is left out so iLert calls the configured responseUrl."""
@@ -257,7 +271,7 @@ def _ilert_guard(request: web.Request) -> None:
     config = request.app[BRIDGE].config.ilert
     if not config.enabled:
         raise ApiError(404, "not found", "iLert callbacks are disabled ([ilert] enabled)")
-    if config.authorization is not None and not _secret_matches(
+    if config.authorization is not None and not same_secret(
         request.headers.get("Authorization"), config.authorization.get_secret_value()
     ):
         raise ApiError(401, "wrong or missing Authorization header", None)
@@ -294,7 +308,35 @@ def action_id(action: Action, button: ButtonConfig) -> str:
     return f"{action}:{button.id}"
 
 
-async def ilert_action_requests(request: web.Request) -> web.Response:
+def _ilert_user() -> dict[str, Any]:
+    return {"id": 0, "email": "oncall@example.com"}
+
+
+def _ilert_request(config: Config) -> dict[str, Any]:
+    button_id, key = sample_button(config)
+    alert = {"id": 1, "alertKey": key, "summary": f"{button_id} pressed"}
+    return {"user": _ilert_user(), "locale": "de", "alert": alert}
+
+
+def _ilert_response(config: Config) -> dict[str, Any]:
+    button_id, key = sample_button(config)
+    alert = {"id": 1, "alertKey": key, "summary": f"{button_id} pressed"}
+    return {"user": _ilert_user(), "locale": "en", "alert": alert, "actionId": f"close:{button_id}"}
+
+
+@operation(
+    "iLert dynamic alert actions: the actions offered on an alert",
+    description="At most three, with deterministic ids (`close:<button>`, "
+    "`rearm:<button>`), texts in the request's locale (en, de); none for an alert "
+    "of no known button. 404 when `[ilert] enabled = false`.",
+    tag="callbacks",
+    security="ilertAuthorization",
+    body=IlertActionRequest,
+    example=_ilert_request,
+    replies=(Reply(200, "the actions", IlertActions),),
+    errors=(400, 401, 404, 413),
+)
+async def ilert_action_requests(request: web.Request) -> IlertActions:
     """The actions iLert may offer on an alert: close everywhere, re-arm (none if no button)."""
     _ilert_guard(request)
     bridge = request.app[BRIDGE]
@@ -314,11 +356,23 @@ async def ilert_action_requests(request: web.Request) -> web.Response:
         button=button.id if button else None,
         actions=len(actions),
     )
-    result = IlertActions(actions=actions)
-    return web.json_response(result.model_dump(exclude_none=True))
+    return IlertActions(actions=actions)
 
 
-async def ilert_action_responses(request: web.Request) -> web.Response:
+@operation(
+    "iLert dynamic alert actions: run the action a person picked",
+    description="`close` closes the alert here and at every sink, `rearm` only "
+    "here. `success: false` for an alert of no known button; 400 for an unknown "
+    "actionId.",
+    tag="callbacks",
+    security="ilertAuthorization",
+    body=IlertActionResponseRequest,
+    example=_ilert_response,
+    replies=(Reply(200, "the outcome, for the person who clicked", IlertActionResult),),
+    errors=(400, 401, 404, 413),
+    why={400: "not JSON, invalid, or an unknown actionId"},
+)
+async def ilert_action_responses(request: web.Request) -> IlertActionResult:
     """Run the action iLert names by ``actionId``; feedback text in the request's locale."""
     _ilert_guard(request)
     bridge = request.app[BRIDGE]
@@ -329,8 +383,8 @@ async def ilert_action_responses(request: web.Request) -> web.Response:
         raise ApiError(400, "unknown actionId", body.actionId)
     action: Action = "close" if kind == "close" else "rearm"
 
-    def answer(success: bool, line: str) -> web.Response:
-        return web.json_response(IlertActionResult(success=success, text=line).model_dump())
+    def answer(success: bool, line: str) -> IlertActionResult:
+        return IlertActionResult(success=success, text=line)
 
     button = _ilert_button(bridge, body.alert)
     if button is None:
@@ -376,7 +430,7 @@ class FlashdutyIncident(BaseModel):
     model_config = ConfigDict(extra="allow")
     incident_id: str | None = None
     title: str | None = None
-    event_id: str | None = Field(None, max_length=200)  # where the seed's example puts it
+    event_id: str | None = Field(None, max_length=200)  # some pushes carry it here, not at the top
     labels: dict[str, Any] | None = None
     alerts: list[FlashdutyAlert] | None = Field(None, max_length=1000)
 
@@ -437,15 +491,31 @@ def _flashduty_buttons(bridge: Core, incident: FlashdutyIncident) -> list[Button
     return list(found.values())
 
 
-def _flashduty_handler(action: Action) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(request: web.Request) -> web.Response:
+def _flashduty_example(config: Config) -> dict[str, Any]:
+    button_id, key = sample_button(config)
+    return {
+        "event_time": 1700208013988,
+        "event_type": "i_custom",
+        "event_id": "fac0599a2a25529ba2362c0c184b6cfb",
+        "person": {"person_id": 1, "person_name": "oncall", "email": "oncall@example.com"},
+        "incident": {
+            "incident_id": "6551f3888713372ad1054d57",
+            "title": f"{button_id} pressed",
+            "labels": {"flic_button": key},
+            "alerts": [{"alert_id": "6551f37f8713372ad1054d54", "alert_key": key}],
+        },
+    }
+
+
+def _flashduty_handler(action: Action) -> Handler:
+    async def handler(request: web.Request) -> FlashdutyResult:
         bridge = request.app[BRIDGE]
         config = bridge.config.flashduty
         if not config.enabled:
             raise ApiError(
                 404, "not found", "Flashduty callbacks are disabled ([flashduty] enabled)"
             )
-        if config.secret is not None and not _secret_matches(
+        if config.secret is not None and not same_secret(
             request.headers.get(config.header), config.secret.get_secret_value()
         ):
             raise ApiError(401, f"wrong or missing {config.header} header", None)
@@ -484,17 +554,30 @@ def _flashduty_handler(action: Action) -> Callable[[web.Request], Awaitable[web.
                     text=line,
                 )
             )
-        body = FlashdutyResult(
+        return FlashdutyResult(
             action=action,
             event_id=event_id,
             duplicate=all(r.duplicate for r in results),
             results=results,
         )
-        return web.json_response(body.model_dump())
 
+    summary = f"Flashduty custom incident action: {action} the incident's buttons"
     handler.__name__ = f"flashduty_{action}"
-    handler.__doc__ = f"Flashduty custom incident action: {action} the incident's buttons."
-    return handler
+    handler.__doc__ = f"{summary}."
+    return operation(
+        summary,
+        description="The `i_custom` push. A repeated `event_id` (top level or in "
+        "`incident`) answers 200 and does nothing. Buttons are found from "
+        "`incident.alerts[].alert_key` and the `flic_button` label. 404 when "
+        "`[flashduty] enabled = false`.",
+        tag="callbacks",
+        security="flashdutyHeader",
+        body=FlashdutyPush,
+        example=_flashduty_example,
+        replies=(Reply(200, "done (or already done)", FlashdutyResult),),
+        errors=(400, 401, 404, 413, 422, 503),
+        why={422: "the incident names no known button"},
+    )(handler)
 
 
 def add_routes(app: web.Application) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -20,15 +20,13 @@ from aiohttp import web
 from flicbridge.bucket import TokenBucket
 from flicbridge.config import Config
 from flicbridge.secrecy import same_secret
-from flicbridge.server.http import error
+from flicbridge.server.http import Handler, error
 
 log = structlog.get_logger(__name__)
 
 PATH = "/api/v1/ingest/flic"
 SOURCE: web.RequestKey[str] = web.RequestKey("ingest_source", str)
 """Set on a request admitted by a source's own token: the source's name."""
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class IngestGate:

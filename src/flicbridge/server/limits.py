@@ -3,7 +3,7 @@
 - A connection that sends nothing, or only part of a request head, is closed after
   ``HEAD_TIMEOUT`` seconds (aiohttp's keep-alive timer runs from the moment a connection
   is made; it also closes a kept-alive connection that stays idle that long).
-- A body must arrive within ``server.app.BODY_TIMEOUT`` seconds (``read_json``).
+- A body must arrive within ``server.http.BODY_TIMEOUT`` seconds (``read_json``).
 - At most ``max_connections()`` connections are open at once, well below the process's
   file-descriptor limit, so deliveries, the store and flicd always have descriptors left.
   A connection beyond the bound is closed at once; that is logged at most once a minute.

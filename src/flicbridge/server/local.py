@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal, TypeVar
 
 import structlog
@@ -27,14 +27,23 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_val
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
 from flicbridge.errors import TokenExpired, TokenInUse, TokenSpent
 from flicbridge.server.callbacks import outcome_text, run_action
-from flicbridge.server.http import BRIDGE, COMMIT_WAIT, ApiError, parse, read_json
+from flicbridge.server.http import (
+    BRIDGE,
+    ApiError,
+    Param,
+    Reply,
+    committed,
+    operation,
+    parse,
+    read_json,
+)
 from flicbridge.store import StoreError
-from flicbridge.subscriptions import Subscriptions, TooManySubscriptions
+from flicbridge.subscriptions import TooManySubscriptions
 
 log = structlog.get_logger(__name__)
 
-SUBSCRIPTIONS: web.AppKey[Subscriptions] = web.AppKey("subscriptions", Subscriptions)
 T = TypeVar("T")
+TAG = "local alerts"
 HEARTBEAT = 15.0  # seconds between comment lines on an idle stream (proxies close silent ones)
 
 
@@ -121,38 +130,54 @@ class AlertOut(BaseModel):
 # -- subscriptions ---------------------------------------------------------------------
 
 
-async def _committed(operation: Coroutine[Any, Any, T]) -> T:
-    """Await a store write for at most COMMIT_WAIT (then 503; the write itself goes on)."""
-    task = asyncio.ensure_future(operation)
-    try:
-        async with asyncio.timeout(COMMIT_WAIT):
-            return await asyncio.shield(task)
-    except TimeoutError:
-        raise ApiError(503, "store is slow", "the change is held; its commit is pending") from None
-    except StoreError as exc:
-        raise ApiError(503, "store unavailable", str(exc)) from None
+async def _committed(change: Awaitable[T]) -> T:
+    """A subscription change, committed; a refusal (too many) is the caller's to name."""
+    return await committed(change, "the change is held; its commit is pending", failure=StoreError)
 
 
-async def create_subscription(request: web.Request) -> web.Response:
+@operation(
+    "alert_subscribe: an sse or webhook subscription to local alerts",
+    tag=TAG,
+    body=SubscriptionBody,
+    example={"channel": "sse", "min_priority": "HIGH"},
+    replies=(Reply(201, "created", SubscriptionOut),),
+    errors=(400, 409, 413),
+    why={409: "too many subscriptions"},
+)
+async def create_subscription(request: web.Request) -> SubscriptionOut:
     body = parse(SubscriptionBody, await read_json(request)).root
-    create = request.app[SUBSCRIPTIONS].create(
+    create = request.app[BRIDGE].subscriptions.create(
         body.channel, str(body.url) if body.url else None, body.min_priority
     )
     try:
         sub = await _committed(create)
     except TooManySubscriptions as exc:
         raise ApiError(409, "too many subscriptions", str(exc)) from None
-    return web.json_response(sub.to_json(), status=201)
+    return SubscriptionOut.model_validate(sub.to_json())
 
 
-async def list_subscriptions(request: web.Request) -> web.Response:
-    subs = await request.app[SUBSCRIPTIONS].all()
-    return web.json_response({"subscriptions": [s.to_json() for s in subs]})
+@operation(
+    "Every subscription",
+    tag=TAG,
+    replies=(Reply(200, "the subscriptions", SubscriptionList),),
+)
+async def list_subscriptions(request: web.Request) -> SubscriptionList:
+    subs = await request.app[BRIDGE].subscriptions.all()
+    return SubscriptionList(
+        subscriptions=[SubscriptionOut.model_validate(s.to_json()) for s in subs]
+    )
 
 
+@operation(
+    "Remove a subscription",
+    tag=TAG,
+    params=(Param("id", {"type": "string"}, "the subscription id"),),
+    replies=(Reply(204, "removed", media=None),),
+    errors=(404,),
+)
 async def delete_subscription(request: web.Request) -> web.Response:
     sub_id = request.match_info["id"]
-    if not await _committed(request.app[SUBSCRIPTIONS].delete(sub_id)):
+    if not await _committed(request.app[BRIDGE].subscriptions.delete(sub_id)):
         raise ApiError(404, "no subscription with that id", sub_id)
     return web.Response(status=204)
 
@@ -176,9 +201,34 @@ def _priority(raw: str) -> Priority:
     raise ApiError(400, "invalid min_priority", "LOW, NORMAL or HIGH")
 
 
+@operation(
+    "Server-Sent Events: one JSON local alert per `data:` line",
+    description=f"`id:` is the alert id; a comment line every {HEARTBEAT:g} s keeps the "
+    "connection open; `Last-Event-ID` replays recent alerts. Each `data:` line is "
+    "an `AlertOut` document. Needs no subscription.",
+    tag=TAG,
+    params=(
+        Param(
+            "min_priority",
+            {"type": "string", "enum": ["LOW", "NORMAL", "HIGH"]},
+            "lowest priority streamed (default LOW, or the subscription's)",
+            where="query",
+        ),
+        Param("subscription", {"type": "string"}, "an sse subscription id", where="query"),
+    ),
+    replies=(
+        Reply(
+            200,
+            "the stream (never ends while the bridge runs)",
+            media="text/event-stream",
+            data=AlertOut,
+        ),
+    ),
+    errors=(400, 404),
+)
 async def alerts_stream(request: web.Request) -> web.StreamResponse:
     bridge = request.app[BRIDGE]
-    subs = request.app[SUBSCRIPTIONS]
+    subs = request.app[BRIDGE].subscriptions
     min_priority: Priority = "LOW"
     sub_id = request.query.get("subscription")
     if sub_id is not None:
@@ -242,13 +292,26 @@ async def alerts_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _close_streams(app: web.Application) -> None:
-    app[SUBSCRIPTIONS].closing.set()
+    app[BRIDGE].subscriptions.closing.set()
 
 
 # -- action_exec -------------------------------------------------------------------------
 
 
-async def action_exec(request: web.Request) -> web.Response:
+@operation(
+    "action_exec: run an EXECUTE alert's action (close its alert), once",
+    tag=TAG,
+    body=ExecBody,
+    example={"action_exec_token": "token-from-an-EXECUTE-alert"},
+    replies=(Reply(200, "done", ExecResult),),
+    errors=(400, 404, 409, 410, 413, 503),
+    why={
+        404: "unknown token",
+        409: "token already used, or its alert was closed",
+        410: "token expired (24 h)",
+    },
+)
+async def action_exec(request: web.Request) -> ExecResult:
     bridge = request.app[BRIDGE]
     body = parse(ExecBody, await read_json(request))
     if not bridge.accepting:
@@ -268,7 +331,7 @@ async def action_exec(request: web.Request) -> web.Response:
     except TokenExpired:
         raise ApiError(410, "action_exec_token expired", "tokens live 24 hours") from None
     # The token is spent only once its action is committed: a refusal (503) keeps it usable.
-    committed = False
+    landed = False
     try:
         button = bridge.config.button(entry.button_id)
         if button is None:  # tokens live in memory with the config that made them
@@ -280,10 +343,10 @@ async def action_exec(request: web.Request) -> web.Response:
             origin="exec",
             actor=f"action_exec from {request.remote or 'an unknown address'}",
         )
-        committed = not result.get("pending")
+        landed = not result.get("pending")
     finally:
-        bridge.token_done(body.action_exec_token, committed=committed)
-    out = ExecResult(
+        bridge.token_done(body.action_exec_token, committed=landed)
+    return ExecResult(
         button=button.id,
         alert_key=result["alert_key"],
         action="close",
@@ -292,12 +355,10 @@ async def action_exec(request: web.Request) -> web.Response:
         rows=result["rows"],
         text=outcome_text("en", "close", button.display_name, result),
     )
-    return web.json_response(out.model_dump())
 
 
 def add_routes(app: web.Application) -> None:
     """Register the local alert routes; the subscriptions' lanes run with the bridge."""
-    app[SUBSCRIPTIONS] = app[BRIDGE].subscriptions  # its lanes run with the bridge
     app.on_shutdown.append(_close_streams)
     app.router.add_post("/api/v1/subscriptions", create_subscription)
     app.router.add_get("/api/v1/subscriptions", list_subscriptions)

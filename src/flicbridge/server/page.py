@@ -20,7 +20,7 @@ import secrets
 from aiohttp import web
 
 from flicbridge.secrecy import same_secret
-from flicbridge.server.http import BRIDGE
+from flicbridge.server.http import BRIDGE, Reply, operation
 
 COOKIE = "flicbridge_token"
 POLL_MS = 1500
@@ -31,6 +31,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", status_page)
 
 
+@operation(
+    "Status page (HTML): buttons, alert state, battery, queue",
+    tag="operations",
+    replies=(Reply(200, "the page", media="text/html"),),
+)
 async def status_page(request: web.Request) -> web.Response:
     """The page; the auth middleware has checked the token (header, cookie or query)."""
     nonce = secrets.token_urlsafe(18)
