@@ -240,11 +240,13 @@ async def test_repeated_event_id_after_a_restart_does_nothing(
             await open_alert(http, first)
             status, body = await post(http, first, push("desk", event_id="across-restarts"))
             assert (status, body["results"][0]["decision"]) == (200, "close")
+            await receiver.wait_for(2)  # delivered before the restart
         async with running(config) as second:
             await open_alert(http, second)
             status, body = await post(http, second, push("desk", event_id="across-restarts"))
             assert (status, body["duplicate"]) == (200, True)
             assert second.states["desk"].is_open
+            await receiver.wait_for(3)
         assert [r.body["state"] for r in receiver.requests] == ["On", "Off", "On"]
 
 

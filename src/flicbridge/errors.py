@@ -28,3 +28,7 @@ class TokenExpired(FlicbridgeError):
 
 class TokenInUse(FlicbridgeError):
     """Another request is committing this token's action right now."""
+
+
+class StoreError(FlicbridgeError):
+    """The store cannot be used (corrupt, unreadable, wrong file) or cannot commit."""

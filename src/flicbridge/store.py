@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 import structlog
 
 from flicbridge.domain import Message
-from flicbridge.errors import FlicbridgeError
+from flicbridge.errors import StoreError as StoreError  # re-exported: its callers catch it
 from flicbridge.state import AlertState
 
 log = structlog.get_logger(__name__)
@@ -162,10 +162,6 @@ class AckRecord:
     by: str
     at: datetime
     source: str
-
-
-class StoreError(FlicbridgeError):
-    """The store cannot be used (corrupt, unreadable, wrong file)."""
 
 
 # -- identity and schema versions ------------------------------------------------------

@@ -30,8 +30,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from flicbridge.server.app import BUTTON_ID, find_button
-from flicbridge.server.callbacks import run_action
+from flicbridge.server.actions import BUTTON_ID, find_button, run_action
 from flicbridge.server.http import BRIDGE, MAX_BODY, ApiError, Reply, operation, parse, read_json
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flicbridge import __version__
 from flicbridge.domain import Signal, SignalState, utcnow
-from flicbridge.errors import NotAccepting, UnknownButton
 from flicbridge.secrecy import mask, same_secret
 from flicbridge.server import ingest
+from flicbridge.server.actions import BUTTON_ID, find_button, submit
 from flicbridge.server.http import (
     BRIDGE,
     MAX_BODY,
@@ -34,11 +34,10 @@ from flicbridge.server.http import (
     requires_token,
     sample_button,
 )
-from flicbridge.store import StoreError
 
 if TYPE_CHECKING:
-    from flicbridge.config import ButtonConfig, Config
-    from flicbridge.core import Accepted, Core
+    from flicbridge.config import Config
+    from flicbridge.core import Core
     from flicbridge.store import OutboxRow
 
 log = structlog.get_logger(__name__)
@@ -247,19 +246,6 @@ class DroppedOut(BaseModel):
 # -- helpers ---------------------------------------------------------------------------
 
 
-def submit(bridge: Core, signal: Signal, **kwargs: Any) -> asyncio.Future[Accepted]:
-    """``bridge.submit`` with its refusals as the API's errors (503 / 404 / 503)."""
-
-    try:
-        return bridge.submit(signal, **kwargs)
-    except NotAccepting:
-        raise ApiError(503, "shutting down", None) from None
-    except UnknownButton:
-        raise ApiError(404, "unknown button", signal.button_id) from None
-    except StoreError as exc:  # commits are failing and the store holds all it may
-        raise ApiError(503, "store unavailable", str(exc)) from None
-
-
 async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> AcceptedOut:
     """Submit a signal and wait for its commit; the decision."""
     future = submit(bridge, signal, **kwargs)
@@ -270,16 +256,6 @@ async def accept(bridge: Core, signal: Signal, **kwargs: Any) -> AcceptedOut:
         rows=len(accepted.rows),
         duplicate=accepted.duplicate,
     )
-
-
-def find_button(bridge: Core, name: str) -> ButtonConfig | None:
-    """A button by id, ingest_name, name_id or alert key (case-insensitive)."""
-    wanted = name.strip().casefold()
-    for button in bridge.config.buttons:
-        names = {button.id, button.ingest_name, button.name_id, bridge.config.alert_key(button)}
-        if wanted in {n.casefold() for n in names if n}:
-            return button
-    return None
 
 
 # -- handlers --------------------------------------------------------------------------
@@ -402,9 +378,6 @@ async def status_document(bridge: Core) -> StatusOut:
 )
 async def status(request: web.Request) -> StatusOut:
     return await status_document(request.app[BRIDGE])
-
-
-BUTTON_ID = Param("id", {"type": "string"}, "the button id", example=lambda c: sample_button(c)[0])
 
 
 @operation(

@@ -25,7 +25,6 @@ answers 200 and does nothing.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -40,15 +39,21 @@ from pydantic import (
     model_serializer,
 )
 
-from flicbridge.domain import Decision, Signal, SignalState, utcnow
 from flicbridge.secrecy import same_secret
-from flicbridge.server.app import find_button, submit
+from flicbridge.server.actions import (
+    ACTIONS,
+    Action,
+    find_button,
+    language,
+    outcome_text,
+    run_action,
+    text,
+)
 from flicbridge.server.http import (
     BRIDGE,
     ApiError,
     Handler,
     Reply,
-    committed,
     operation,
     parse,
     read_json,
@@ -61,144 +66,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Action = Literal["close", "rearm"]
-ACTIONS: tuple[Action, ...] = ("close", "rearm")
 ILERT_WAIT = 2.5  # seconds an iLert action waits for its commit: the user is looking at it
-ACTOR_LIMIT = 200
-
-# -- texts -------------------------------------------------------------------------------
-
-TEXTS: dict[str, dict[str, str]] = {
-    "en": {
-        "action.close": "Close everywhere ({name})",
-        "action.rearm": "Re-arm button ({name})",
-        "close.close": "Closed the alert of {name}; the close goes to {rows} sink(s).",
-        "close.ignored": "Nothing to close: the alert of {name} was not open (ignored).",
-        "rearm.close": "{name} is re-armed: closed here only, the next press opens a new alert.",
-        "rearm.ignored": "{name} was already closed here; the next press opens a new alert.",
-        "pending": " The bridge is still writing it to disk.",
-        "no_button": "This alert belongs to no button of this bridge.",
-        "other_button": "This action belongs to button {action_button}, not to this alert.",
-        "not_accepting": "The bridge is shutting down; try again in a moment.",
-        "failed": "The bridge could not record the action: {detail}",
-    },
-    "de": {
-        "action.close": "Überall schließen ({name})",
-        "action.rearm": "Knopf neu scharf schalten ({name})",
-        "close.close": "Der Alarm von {name} ist geschlossen; "
-        "das Schließen geht an {rows} Ziel(e).",
-        "close.ignored": "Nichts zu schließen: der Alarm von {name} war nicht offen (ignoriert).",
-        "rearm.close": "{name} ist wieder scharf: nur hier geschlossen, "
-        "der nächste Druck öffnet einen neuen Alarm.",
-        "rearm.ignored": "{name} war hier schon geschlossen; "
-        "der nächste Druck öffnet einen neuen Alarm.",
-        "pending": " Die Brücke schreibt es noch auf die Platte.",
-        "no_button": "Dieser Alarm gehört zu keinem Knopf dieser Brücke.",
-        "other_button": "Diese Aktion gehört zu Knopf {action_button}, nicht zu diesem Alarm.",
-        "not_accepting": "Die Brücke fährt herunter; bitte gleich noch einmal versuchen.",
-        "failed": "Die Brücke konnte die Aktion nicht speichern: {detail}",
-    },
-}
-
-
-def language(locale: str | None) -> str:
-    """``en`` or ``de`` from a locale like ``de``, ``de-DE``, ``de_AT``; English otherwise."""
-    if not locale:
-        return "en"
-    lang = locale.strip().replace("_", "-").split("-")[0].lower()
-    return lang if lang in TEXTS else "en"
-
-
-def text(lang: str, key: str, **values: Any) -> str:
-    return TEXTS[lang][key].format(**values)
-
-
-def outcome_text(lang: str, action: Action, name: str, result: dict[str, Any]) -> str:
-    """What happened, for the person who clicked: close or ignored, plus a pending note."""
-    decided = "close" if result["decision"] == Decision.CLOSE.value else "ignored"
-    line = text(lang, f"{action}.{decided}", name=name, rows=result.get("rows", 0))
-    if result.get("pending"):
-        line += text(lang, "pending")
-    return line
-
-
-# -- running an action -------------------------------------------------------------------
-
-
-def _clip(value: str, limit: int = ACTOR_LIMIT) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
-
-
-async def run_action(
-    bridge: Core,
-    button: ButtonConfig,
-    action: Action,
-    *,
-    origin: str,
-    actor: str,
-    callback: tuple[str, str] | None = None,
-    wait: float | None = None,
-) -> dict[str, Any]:
-    """Submit the action's Off signal and wait for its commit; JSON of what it decided.
-
-    With ``wait`` the answer may come before the commit (``"pending": true``): the
-    signal is decided and the store retries the write until it lands.
-    """
-    via = {"ilert": "iLert", "flashduty": "Flashduty", "exec": "a local screen"}.get(origin, origin)
-    verb = "closed" if action == "close" else "re-armed"
-    signal = Signal(
-        button_id=button.id,
-        state=SignalState.OFF,
-        origin=origin,
-        received_at=utcnow(),
-        info=_clip(f"{verb} from {via} by {actor}" if actor else f"{verb} from {via}", 500),
-        local_only=action == "rearm",
-        actor=_clip(actor),
-    )
-    key = bridge.config.alert_key(button)
-    before = bridge.states.get(key)
-    was_open = before is not None and before.is_open
-    future = submit(bridge, signal, callback=callback)
-    if wait is not None:
-        await asyncio.wait({future}, timeout=wait)  # never cancels the commit
-    if not future.done() and wait is not None:
-        # The decision is made (the state moved when it was submitted); the store keeps
-        # retrying the write. Only this wait ends.
-        future.add_done_callback(_consume)
-        sends = was_open and action == "close"
-        result: dict[str, Any] = {
-            "event": None,
-            "decision": (Decision.CLOSE if was_open else Decision.IGNORED).value,
-            "rows": len(bridge.config.sinks_of(button)) if sends else 0,
-            "duplicate": False,
-            "pending": True,
-        }
-    else:
-        accepted = await committed(future, "the action is decided and held; its commit is pending")
-        result = {
-            "event": accepted.event_id or None,
-            "decision": accepted.decision.value,
-            "rows": len(accepted.rows),
-            "duplicate": accepted.duplicate,
-        }
-    result.update(button=button.id, alert_key=bridge.config.alert_key(button), action=action)
-    log.info(
-        "callback_action",
-        button=button.id,
-        action=action,
-        origin=origin,
-        actor=actor or None,
-        decision=result["decision"],
-        duplicate=result["duplicate"] or None,
-        event_id=result["event"],
-    )
-    return result
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("callback_commit_failed", error=str(future.exception()))
-
 
 # -- iLert -------------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_validator
 
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
-from flicbridge.errors import TokenExpired, TokenInUse, TokenSpent
-from flicbridge.server.callbacks import outcome_text, run_action
+from flicbridge.errors import StoreError, TokenExpired, TokenInUse, TokenSpent
+from flicbridge.server.actions import outcome_text, run_action
 from flicbridge.server.http import (
     BRIDGE,
     ApiError,
@@ -37,7 +37,6 @@ from flicbridge.server.http import (
     parse,
     read_json,
 )
-from flicbridge.store import StoreError
 from flicbridge.subscriptions import TooManySubscriptions
 
 log = structlog.get_logger(__name__)
