@@ -1,7 +1,11 @@
 """A backlog lives on disk: lanes page rows in, keep id order, and count what waits."""
 
 import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from flicbridge.config import Config
 from flicbridge.dispatcher import WINDOW
@@ -75,3 +79,38 @@ async def test_backlog_survives_restart_in_order(tmp_path: Path, receiver: Recei
         events = [int(r.body["event"]) for r in after if r.body["key"] == key]
         assert events == sorted(events)
     assert len({int(r.body["event"]) for r in after}) >= total - 2  # in-flight repeats only
+
+
+async def test_a_row_read_from_disk_before_its_add_goes_out_once(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge hands a committed row to the dispatcher (``add``) a moment after the store
+    made it visible. A lane reading a page from disk in that moment must not read it too,
+    or it is sent twice (once from the page, once from the add). Here every add comes
+    0.2 s late while a backlog drains and new presses keep arriving."""
+    receiver.default = (503, "down", {})
+    async with running(config(tmp_path, receiver)) as bridge:
+        for i in range(WINDOW * 2):
+            state = SignalState.ON if i % 2 == 0 else SignalState.OFF
+            await bridge.submit(Signal("a", state, origin="api", received_at=utcnow()))
+        dispatcher = bridge.dispatcher
+        real_add = dispatcher.add
+        loop = asyncio.get_running_loop()
+
+        def late_add(rows: Any, *, since: int | None = None) -> None:
+            loop.call_later(0.2, lambda: real_add(rows, since=since))
+
+        monkeypatch.setattr(dispatcher, "add", late_add)
+        receiver.default = (202, {}, {})
+        for i in range(40):
+            state = SignalState.ON if i % 2 == 0 else SignalState.OFF
+            await bridge.submit(Signal("a", state, origin="api", received_at=utcnow()))
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):  # what went out is asserted below
+            async with asyncio.timeout(15):
+                while await bridge.store.rows("pending"):
+                    await asyncio.sleep(0.02)
+    delivered = [int(r.body["event"]) for r in receiver.requests if r.body and "event" in r.body]
+    sent = delivered[-(WINDOW * 2 + 40) :]
+    assert len(sent) == len(set(sent)) == WINDOW * 2 + 40  # each once
+    assert sent == sorted(sent)  # in commit order

@@ -199,6 +199,9 @@ class Dispatcher:
         self.lanes: dict[tuple[str, str], Lane] = {}
         self.pending: dict[str, int] = dict.fromkeys(sinks, 0)
         self._forgotten: set[int] = set()
+        # The newest row id handed to ``add`` (or pending at start): a page read stops there,
+        # so a row committed but not yet added is never read from disk AND then added.
+        self._announced = 0
         # (sink, alert key) → (action, batch) of its newest lazily marked row, until synced.
         self._unsynced: dict[tuple[str, str], tuple[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -215,6 +218,7 @@ class Dispatcher:
 
     async def prepare(self) -> None:
         """Find every lane with pending rows in one grouped read (no row is loaded yet)."""
+        self._announced = max(self._announced, await self.store.newest_row())
         for sink_id, alert_key, count, oldest in await self.store.lanes():
             if sink_id not in self.sinks:
                 log.warning("rows_for_unknown_sink", sink=sink_id, rows=count)
@@ -251,6 +255,7 @@ class Dispatcher:
                 log.warning("row_for_unknown_sink", row=row.id, sink=row.sink_id)
                 continue
             self.pending[row.sink_id] += 1
+            self._announced = max(self._announced, row.id)
             key = (row.sink_id, row.alert_key)
             lane = self.lanes.get(key)
             if lane is None:
@@ -291,7 +296,9 @@ class Dispatcher:
                 steps = self.steps
                 if self._rebased is not None:  # read the shifted times, never the old ones
                     await asyncio.gather(self._rebased, return_exceptions=True)
-                page = await self.store.lane_page(key[0], key[1], lane.upto, WINDOW)
+                page = await self.store.lane_page(
+                    key[0], key[1], lane.upto, WINDOW, through=self._announced
+                )
                 if steps == self.steps:  # else a step moved the times as they were read
                     break
         finally:

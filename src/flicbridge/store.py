@@ -971,17 +971,26 @@ class Store:
         return await self.read(op)
 
     async def lane_page(
-        self, sink_id: str, alert_key: str, after_id: int, limit: int
+        self, sink_id: str, alert_key: str, after_id: int, limit: int, *, through: int
     ) -> list[OutboxRow]:
-        """The next pending rows of one lane, in id order, after ``after_id``."""
+        """The next pending rows of one lane, in id order, after ``after_id`` and up to
+        ``through``."""
 
         def op(conn: sqlite3.Connection) -> list[OutboxRow]:
             cur = conn.execute(
                 "SELECT * FROM outbox WHERE status = 'pending' AND sink_id = ?"
-                " AND alert_key = ? AND id > ? ORDER BY id LIMIT ?",
-                (sink_id, alert_key, after_id, limit),
+                " AND alert_key = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (sink_id, alert_key, after_id, through, limit),
             )
             return [_row(r) for r in cur]
+
+        return await self.read(op)
+
+    async def newest_row(self) -> int:
+        """The highest outbox row id (0 for none)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
 
         return await self.read(op)
 
