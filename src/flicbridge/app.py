@@ -29,7 +29,7 @@ from flicbridge.core import Accepted, ButtonStatus, ExecToken, Health
 from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
-from flicbridge.errors import NotAccepting, TokenExpired, TokenInUse, TokenSpent, UnknownButton
+from flicbridge.errors import NotAccepting, UnknownButton
 from flicbridge.health import HealthChange, HealthMonitor, health_key
 from flicbridge.heartbeat import Heartbeat
 from flicbridge.mapping import signal_for
@@ -44,10 +44,9 @@ from flicbridge.spill import Spill, default_path, to_json
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
 from flicbridge.subscriptions import Subscriptions
+from flicbridge.tokens import Announcements, ExecTokens
 
 log = structlog.get_logger(__name__)
-
-TOKEN_LIFETIME = 24 * 3600.0
 
 
 class Bridge:
@@ -93,9 +92,10 @@ class Bridge:
         self.states: dict[str, AlertState] = {}
         self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
-        self.tokens: dict[str, ExecToken] = {}
-        self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
-        self._tokens_pruned = mono()
+        self.tokens = ExecTokens(mono)
+        self._announcements = Announcements(
+            self.alerts_bus, self.tokens, alert_key=config.alert_key, clear_ack=self._clear_ack
+        )
         self.accepting = False
         self.started_at = mono()
         self.url: str | None = None
@@ -511,7 +511,7 @@ class Bridge:
             )
             self.dispatcher.add(c.rows, since=steps)
             if not health:
-                self._announce(button, signal, decision, c.event_id)
+                self._announcements.announce(button, signal, decision, c.event_id)
             result.set_result(Accepted(c.event_id, decision, c.rows))
 
         committed.add_done_callback(on_commit)
@@ -539,47 +539,6 @@ class Bridge:
             origin=signal.origin,
             queued=press.queued if press else False,
         )
-
-    def _announce(
-        self, button: ButtonConfig, signal: Signal, decision: Decision, event: int
-    ) -> None:
-        """Local alerts for a decision: INFO always, EXECUTE (close token) when opened."""
-        name = button.display_name
-        self.alerts_bus.publish(
-            "INFO",
-            "SHOW_EVENT",
-            "NORMAL",
-            f"{name}: {signal.state.value} from {signal.origin} → {decision.value}",
-            event=event,
-            button=button.id,
-        )
-        if decision is Decision.OPEN:
-            self._clear_ack(self.config.alert_key(button))
-            now = self.mono()
-            if now - self._tokens_pruned > 3600:
-                # Forget tokens a day after they expired (until then they answer 409/410).
-                self._tokens_pruned = now
-                for old in [
-                    t for t, e in self.tokens.items() if now - e.created > 2 * TOKEN_LIFETIME
-                ]:
-                    del self.tokens[old]
-            token = secrets.token_urlsafe(24)
-            self.tokens[token] = ExecToken(button.id, event, now)
-            self._live_tokens.setdefault(button.id, []).append(token)
-            self.alerts_bus.publish(
-                "INFO",
-                "EXECUTE",
-                "HIGH",
-                f"{name} raised an alert. Close it?",
-                event=event,
-                token=token,
-                button=button.id,
-            )
-        elif decision is Decision.CLOSE:
-            for token in self._live_tokens.pop(button.id, ()):
-                entry = self.tokens.get(token)  # None once pruned
-                if entry is not None:
-                    entry.spent = True  # the alert it would close is closed
 
     # -- heartbeat -------------------------------------------------------------------
 
@@ -861,26 +820,12 @@ class Bridge:
         return rows
 
     def exec_token(self, token: str) -> ExecToken:
-        """Take a single-use token for its action; ``token_done`` spends or returns it.
-
-        KeyError unknown; TokenSpent, TokenInUse or TokenExpired otherwise.
-        """
-        entry = self.tokens[token]
-        if entry.spent:
-            raise TokenSpent(token)
-        if entry.in_use:
-            raise TokenInUse(token)
-        if self.mono() - entry.created > TOKEN_LIFETIME:
-            raise TokenExpired(token)
-        entry.in_use = True
-        return entry
+        """Take a single-use token for its action (``ExecTokens.take``)."""
+        return self.tokens.take(token)
 
     def token_done(self, token: str, *, committed: bool) -> None:
         """The token's action was committed (spent) or not (usable again)."""
-        entry = self.tokens.get(token)
-        if entry is not None:
-            entry.in_use = False
-            entry.spent = entry.spent or committed
+        self.tokens.done(token, committed=committed)
 
 
 def press_signal(button_id: str, state: SignalState, press: Press) -> Signal:
