@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from flicbridge import __version__
-from flicbridge.acks import FeedbackEvent, run_feedback
+from flicbridge.acks import Acknowledgements, FeedbackEvent
 from flicbridge.alerts import AlertBus
 from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
@@ -39,7 +39,6 @@ from flicbridge.server.limits import BoundedRunner
 from flicbridge.server.wiring import build_app
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import DirectSink, Sink
-from flicbridge.sinks.pushover import PushoverSink
 from flicbridge.spill import Spill, default_path, to_json
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
@@ -92,9 +91,16 @@ class Bridge:
         self.states: dict[str, AlertState] = {}
         self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
         self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
+        self.acknowledgements = Acknowledgements(
+            config, self.button_config, self.states, self.store, self.metrics, self.alerts_bus
+        )
+        self.acks: dict[str, AckRecord] = self.acknowledgements.records
         self.tokens = ExecTokens(mono)
         self._announcements = Announcements(
-            self.alerts_bus, self.tokens, alert_key=config.alert_key, clear_ack=self._clear_ack
+            self.alerts_bus,
+            self.tokens,
+            alert_key=config.alert_key,
+            clear_ack=self.acknowledgements.clear,
         )
         self.accepting = False
         self.started_at = mono()
@@ -122,8 +128,6 @@ class Bridge:
             for sink in self.sinks.values()
             if isinstance(sink, DirectSink)
         ]
-        self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
-        self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None
         self.health_monitor = HealthMonitor(
             {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
@@ -159,9 +163,8 @@ class Bridge:
         await self.store.open()
         runner: web.AppRunner | None = None
         try:
-            self.states = await self.store.alerts()
-            self.acks = await self.store.acks()
-            pushover = await self._pushover_receipts()
+            self.states.update(await self.store.alerts())  # shared: filled, never rebound
+            pushover = await self.acknowledgements.load(self.sinks)
             self.health_monitor.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
@@ -182,7 +185,8 @@ class Bridge:
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
                 tg.create_task(self.health_monitor.run(), name="button-health")
                 for sink in pushover:
-                    tg.create_task(sink.watch(self._receipt_acknowledged), name="pushover")
+                    on_ack = self.acknowledgements.receipt_acknowledged
+                    tg.create_task(sink.watch(on_ack), name="pushover")
                 if self.config.heartbeat.url is not None:
                     self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
                     tg.create_task(self.heartbeat.run(), name="heartbeat")
@@ -205,8 +209,7 @@ class Bridge:
             pass
         finally:
             self.accepting = False
-            for feedback in list(self._feedback):
-                feedback.cancel()
+            self.acknowledgements.cancel_feedback()
             if self._replay is not None:
                 self._replay.cancel()  # what it has not committed stays in the spill file
             if runner is not None:
@@ -601,100 +604,6 @@ class Bridge:
                 "WARNING", "MESSAGE", "NORMAL", change.summary, button=change.button_id
             )
 
-    # -- acknowledgements ------------------------------------------------------------
-
-    async def _pushover_receipts(self) -> list[PushoverSink]:
-        """Give each Pushover sink its kept receipts and a way to keep new ones."""
-        sinks = [s for s in self.sinks.values() if isinstance(s, PushoverSink)]
-        kept = await self.store.receipts() if sinks else {}
-        for sink in sinks:
-            sink.receipts.update(kept.get(sink.id, {}))
-            sink.remember = functools.partial(self._keep_receipt, sink.id)
-        return sinks
-
-    def _keep_receipt(self, sink_id: str, alert_key: str, receipt: str | None) -> None:
-        saved = self.store.save_receipt(sink_id, alert_key, receipt)
-        self._persist(saved, "receipt_save_failed", f"{sink_id}/{alert_key}")
-
-    def _receipt_acknowledged(self, alert_key: str, by: str, at: datetime | None) -> None:
-        """Pushover says someone acknowledged the emergency message of ``alert_key``."""
-        state = self.states.get(alert_key)
-        button = self.button_config.get(state.button_id) if state else None
-        if button is None or self.config.alert_key(button) != alert_key:
-            log.info("ack_ignored_not_a_button_alert", alert_key=alert_key, source="pushover")
-            return
-        opened = state.opened_at if state else None
-        if at is not None and opened is not None and at < opened:
-            # The receipt of an earlier open of this alert, acknowledged before this one.
-            log.info("ack_ignored_before_open", button=button.id, source="pushover")
-            return
-        self.acknowledge(button.id, by, at, source="pushover")
-
-    def acknowledge(
-        self, button_id: str, by: str, at: datetime | None = None, *, source: str
-    ) -> AckRecord | None:
-        """Record that ``by`` acknowledged the button's open alert (from ``source``).
-
-        Returns the record, or None when the alert is not open (nothing to acknowledge;
-        logged). Raises UnknownButton. The record is kept in memory at once and written to
-        the store in the background; a repeat replaces it. Publishes a HIGH INFO local
-        alert, counts it, and runs ``[feedback] command``.
-        """
-        button = self.button_config.get(button_id)
-        if button is None:
-            raise UnknownButton(button_id)
-        key = self.config.alert_key(button)
-        state = self.states.get(key)
-        if state is None or not state.is_open:
-            log.info("ack_ignored_not_open", button=button_id, source=source, by=by or None)
-            return None
-        at = at or utcnow()
-        record = AckRecord(key, button.id, by, at, source)
-        self.acks[key] = record
-        self._persist(self.store.save_ack(record), "ack_save_failed", button.id)
-        if state.opened_at is not None:
-            waited = max((at - state.opened_at).total_seconds(), 0.0)
-            self.metrics.time_to_ack.labels(button.id).observe(waited)
-        self.metrics.acknowledgements.labels(button.id, source).inc()
-        who = by or "someone"
-        log.info("acknowledged", button=button.id, source=source, by=by or None)
-        self.alerts_bus.publish(
-            "INFO",
-            "MESSAGE",
-            "HIGH",
-            f"{button.display_name}: {who} acknowledged the alert (via {source}); help is coming",
-            event=state.last_event,
-            button=button.id,
-        )
-        self.feedback("acknowledged", button.id, by)
-        return record
-
-    def feedback(self, event: FeedbackEvent, button_id: str, by: str) -> None:
-        """Start ``[feedback] command`` in the background (nothing when none is set)."""
-        command = self.config.feedback.command
-        if not command:
-            return
-        task = asyncio.get_running_loop().create_task(
-            run_feedback(
-                command, self.config.feedback.timeout, event=event, button=button_id, by=by
-            ),
-            name=f"feedback:{button_id}",
-        )
-        self._feedback.add(task)
-        task.add_done_callback(self._feedback.discard)
-
-    def _clear_ack(self, alert_key: str) -> None:
-        if self.acks.pop(alert_key, None) is not None:
-            self._persist(self.store.clear_ack(alert_key), "ack_clear_failed", alert_key)
-
-    @staticmethod
-    def _persist(future: asyncio.Future[None], event: str, subject: str) -> None:
-        def done(f: asyncio.Future[None]) -> None:
-            if not f.cancelled() and f.exception() is not None:
-                log.error(event, subject=subject, error=str(f.exception()))
-
-        future.add_done_callback(done)
-
     # -- DeliveryListener ------------------------------------------------------------
 
     def delivered(self, row: OutboxRow, outcome: Outcome, latency: float) -> None:
@@ -818,6 +727,16 @@ class Bridge:
         rows = await self.store.requeue(row_id)
         self.dispatcher.add(rows, since=steps)
         return rows
+
+    def acknowledge(
+        self, button_id: str, by: str, at: datetime | None = None, *, source: str
+    ) -> AckRecord | None:
+        """Record an acknowledgement of the button's open alert (``Acknowledgements``)."""
+        return self.acknowledgements.acknowledge(button_id, by, at, source=source)
+
+    def feedback(self, event: FeedbackEvent, button_id: str, by: str) -> None:
+        """Start ``[feedback] command`` in the background (nothing when none is set)."""
+        self.acknowledgements.feedback(event, button_id, by)
 
     def exec_token(self, token: str) -> ExecToken:
         """Take a single-use token for its action (``ExecTokens.take``)."""
