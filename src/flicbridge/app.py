@@ -8,7 +8,6 @@ the HTTP timeout), then pending commits, then the store.
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import time
 from collections import Counter
@@ -26,11 +25,10 @@ from flicbridge.alerts import AlertBus
 from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.core import Accepted, ButtonStatus, ExecToken, Health
-from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
 from flicbridge.errors import NotAccepting, UnknownButton
-from flicbridge.health import HealthChange, HealthMonitor, health_key
+from flicbridge.health import health_key, health_state
 from flicbridge.heartbeat import Heartbeat
 from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
@@ -43,6 +41,7 @@ from flicbridge.spill import Spill, default_path, to_json
 from flicbridge.state import AlertState, decide
 from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
 from flicbridge.subscriptions import Subscriptions
+from flicbridge.telemetry import Telemetry
 from flicbridge.tokens import Announcements, ExecTokens
 
 log = structlog.get_logger(__name__)
@@ -78,6 +77,22 @@ class Bridge:
             clock=self.schedule.now,
         )
         self.sinks: dict[str, Sink] = {s.id: build_sink(s, config.site) for s in config.sinks}
+        # Shared by the parts: the intake moves ``states``; the others only read it.
+        self.states: dict[str, AlertState] = {}
+        self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
+        self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
+        self.telemetry = Telemetry(
+            config,
+            self.button_config,
+            self.buttons,
+            self.states,
+            metrics=self.metrics,
+            bus=self.alerts_bus,
+            health=self.health,
+            store_path=config.store.path,
+            submit=self.submit,  # health alerts are signals like any other
+            mono=mono,
+        )
         self.dispatcher = Dispatcher(
             self.store,
             self.sinks,
@@ -85,12 +100,10 @@ class Bridge:
             backoff_initial=config.delivery.backoff_initial,
             backoff_max=config.delivery.backoff_max,
             max_age=config.delivery.max_age,
-            listener=self,
+            listener=self.telemetry,
             clock=self.schedule,
         )
-        self.states: dict[str, AlertState] = {}
-        self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
-        self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
+        self.telemetry.watch_queues(self.dispatcher, list(self.sinks))
         self.acknowledgements = Acknowledgements(
             config, self.button_config, self.states, self.store, self.metrics, self.alerts_bus
         )
@@ -108,11 +121,6 @@ class Bridge:
         self._pending: set[asyncio.Future[Any]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
-        for sink_id in self.sinks:  # computed at scrape time, so never stale
-            depth = functools.partial(self._queue_depth, sink_id)
-            self.metrics.queue_depth.labels(sink_id).set_function(depth)
-            age = functools.partial(self._oldest_pending_age, sink_id)
-            self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.subscriptions = Subscriptions(self.store, self.alerts_bus, config, self.dispatcher)
         # Sinks with a connection of their own (MQTT) run beside the dispatcher, each with
         # the alert keys (and buttons) it serves.
@@ -129,14 +137,6 @@ class Bridge:
             if isinstance(sink, DirectSink)
         ]
         self.heartbeat: Heartbeat | None = None
-        self.health_monitor = HealthMonitor(
-            {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
-            battery_warn_percent=config.alerts.battery_warn_percent,
-            silent_after=config.alerts.silent_after,
-            is_open=self._health_open,
-            change=self._health_change,
-            clock=mono,
-        )
         # Presses held while the store cannot commit, also kept in a file (spill.py).
         spill = config.store.spill
         if spill is not None and not spill.is_absolute():
@@ -165,7 +165,7 @@ class Bridge:
         try:
             self.states.update(await self.store.alerts())  # shared: filled, never rebound
             pushover = await self.acknowledgements.load(self.sinks)
-            self.health_monitor.start()
+            self.telemetry.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
@@ -183,12 +183,12 @@ class Bridge:
                     for sink, keys in self.direct_sinks
                 ]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
-                tg.create_task(self.health_monitor.run(), name="button-health")
+                tg.create_task(self.telemetry.run(), name="button-health")
                 for sink in pushover:
                     on_ack = self.acknowledgements.receipt_acknowledged
                     tg.create_task(sink.watch(on_ack), name="pushover")
                 if self.config.heartbeat.url is not None:
-                    self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
+                    self.heartbeat = Heartbeat(self.config.heartbeat, self.telemetry.unhealthy)
                     tg.create_task(self.heartbeat.run(), name="heartbeat")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
@@ -259,13 +259,6 @@ class Bridge:
             coroutines.append(("source:ble", ble.run()))
         return coroutines
 
-    def _queue_depth(self, sink_id: str) -> float:
-        return float(self.dispatcher.depth().get(sink_id, 0))
-
-    def _oldest_pending_age(self, sink_id: str) -> float:
-        oldest = self.dispatcher.oldest().get(sink_id)
-        return 0.0 if oldest is None else self.dispatcher.now() - oldest
-
     # -- SourceListener --------------------------------------------------------------
 
     def press(self, press: Press) -> None:
@@ -276,7 +269,7 @@ class Bridge:
             return
 
         ctx = {"button": button.id, "click": press.click.value, "source": press.source}
-        self.health_monitor.heard(button.id)
+        self.telemetry.heard(button.id)
 
         max_age = self.config.alerts.max_press_age
         if press.queued:
@@ -333,51 +326,16 @@ class Bridge:
             )
 
     def link(self, source: str, up: bool, detail: str) -> None:
-        was = self.health.source_up.get(source)
-        self.health.source_up[source] = up
-        self.health.source_detail[source] = detail
-        self.metrics.source_up.labels(source).set(1 if up else 0)
-        if was and not up:
-            self.alerts_bus.publish("WARNING", "MESSAGE", "HIGH", f"{source} lost: {detail}")
+        self.telemetry.link(source, up, detail)
 
     def faults(self, source: str, reasons: list[str]) -> None:
-        had = self.health.source_faults.get(source, [])
-        self.health.source_faults[source] = list(reasons)
-        for reason in reasons:
-            if reason not in had:
-                log.warning("source_fault", source=source, reason=reason)
-        if had and not reasons:
-            log.info("source_faults_cleared", source=source)
+        self.telemetry.faults(source, reasons)
 
     def button_link(self, button_id: str, connected: bool, detail: str) -> None:
-        status = self.buttons.get(button_id)
-        if status is None:
-            return
-        status.connected, status.detail = connected, detail
-        self.health_monitor.heard(button_id)
-        self.metrics.button_connected.labels(button_id).set(1 if connected else 0)
-        log.info("button_link", button=button_id, connected=connected, detail=detail)
+        self.telemetry.button_link(button_id, connected, detail)
 
     def battery(self, button_id: str, percent: int) -> None:
-        status = self.buttons.get(button_id)
-        if status is None:
-            return
-        status.battery = percent
-        self.metrics.battery.labels(button_id).set(percent)
-        self.health_monitor.battery(button_id, percent)
-        threshold = self.config.alerts.battery_warn_percent
-        if percent < threshold and not status.battery_low:
-            status.battery_low = True
-            log.warning("battery_low", button=button_id, percent=percent)
-            self.alerts_bus.publish(
-                "WARNING",
-                "MESSAGE",
-                "NORMAL",
-                f"battery of {self._name(button_id)} is at {percent} %",
-                button=button_id,
-            )
-        elif percent >= threshold and status.battery_low:
-            status.battery_low = False  # recovered: the next dip warns again
+        self.telemetry.battery(button_id, percent)
 
     # -- the pipeline ----------------------------------------------------------------
 
@@ -387,10 +345,6 @@ class Bridge:
         if state is None:
             state = AlertState(alert_key=key, button_id=button.id)
         return state
-
-    def _name(self, button_id: str) -> str:
-        button = self.button_config.get(button_id)
-        return button.display_name if button else button_id
 
     def submit(
         self, signal: Signal, *, callback: tuple[str, str] | None = None, health: bool = False
@@ -406,7 +360,11 @@ class Bridge:
         if button is None:
             raise UnknownButton(signal.button_id)
         now = utcnow()
-        before = self._health_state(button) if health else self._state(button)
+        before = (
+            health_state(self.states, self.config.alert_key(button), button.id)
+            if health
+            else self._state(button)
+        )
         decision, after = decide(before, signal.state, now, self.config.alerts.suppress_repeat_for)
         sends = decision.sends and not signal.local_only
         messages = (
@@ -543,27 +501,7 @@ class Bridge:
             queued=press.queued if press else False,
         )
 
-    # -- heartbeat -------------------------------------------------------------------
-
-    def _unhealthy(self) -> list[str]:
-        """Why the heartbeat is withheld: the store fails or a radio source is down."""
-        reasons = []
-        if not self.health.store_ok:
-            reasons.append(f"store cannot commit: {self.health.store_error}")
-        for source, up in self.health.source_up.items():
-            if not up:
-                reasons.append(f"{source} not connected: {self.health.source_detail.get(source)}")
-        return reasons
-
     # -- button health ---------------------------------------------------------------
-
-    def _health_state(self, button: ButtonConfig) -> AlertState:
-        key = health_key(self.config.alert_key(button))
-        return self.states.get(key) or AlertState(alert_key=key, button_id=button.id)
-
-    def _health_open(self, button_id: str) -> bool:
-        button = self.button_config.get(button_id)
-        return button is not None and self._health_state(button).is_open
 
     def _health_messages(
         self, button: ButtonConfig, signal: Signal, decision: Decision
@@ -584,49 +522,6 @@ class Bridge:
             severity="warning",
         )
         return [(sink.id, base) for sink in sinks]
-
-    def _health_change(self, change: HealthChange) -> None:
-        state = SignalState.ON if change.unhealthy else SignalState.OFF
-        signal = Signal(
-            button_id=change.button_id,
-            state=state,
-            origin="health",
-            received_at=utcnow(),
-            info=change.reason,
-        )
-        try:
-            self.submit(signal, health=True)
-        except (NotAccepting, UnknownButton, StoreError) as exc:
-            log.error("health_alert_not_recorded", button=change.button_id, error=str(exc))
-            return
-        if change.unhealthy and "not heard" in change.summary:
-            self.alerts_bus.publish(
-                "WARNING", "MESSAGE", "NORMAL", change.summary, button=change.button_id
-            )
-
-    # -- DeliveryListener ------------------------------------------------------------
-
-    def delivered(self, row: OutboxRow, outcome: Outcome, latency: float) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "delivered").inc()
-        self.metrics.latency.labels(row.sink_id).observe(max(latency, 0.0))
-
-    def retrying(self, row: OutboxRow, outcome: Outcome, delay: float) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "retry").inc()
-        self.metrics.retries.labels(row.sink_id).inc()
-
-    def dead(self, row: OutboxRow, outcome: Outcome) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "dead").inc()
-        self.metrics.dead_letters.labels(row.sink_id).inc()
-        self.alerts_bus.publish(
-            "ERROR",
-            "MESSAGE",
-            "HIGH",
-            f"{row.message.action} of {row.message.button_name} could not be delivered to "
-            f"{row.sink_id}: {outcome.detail} (row {row.id}; `flicbridge queue retry "
-            f"{row.id}` re-queues it)",
-            event=row.message.event,
-            button=row.message.button_id,
-        )
 
     # -- held presses (spill.py) -----------------------------------------------------
 
@@ -691,24 +586,13 @@ class Bridge:
     # -- store health ----------------------------------------------------------------
 
     def _store_health(self, ok: bool, error: str) -> None:
-        self.health.store_ok, self.health.store_error = ok, error
-        self.metrics.store_healthy.set(1 if ok else 0)
         if not ok:  # presses already waiting on the failing store: keep them durably too
             for held_id, signal in list(self._held.items()):
                 self._keep(held_id, signal)
         if ok and self.accepting and (self._replay is None or self._replay.done()):
             # Presses spilled without a place in memory (refused past max_held) commit now.
             self._replay = asyncio.get_running_loop().create_task(self._replay_held())
-        if ok:
-            log.info("store_recovered")
-        else:
-            log.error("store_commit_failing", error=error, path=str(self.store.path))
-            self.alerts_bus.publish(
-                "ERROR",
-                "MESSAGE",
-                "HIGH",
-                f"the store cannot commit ({error}); presses are held in memory and retried",
-            )
+        self.telemetry.store_health(ok, error)
 
     # -- operator actions ------------------------------------------------------------
 
