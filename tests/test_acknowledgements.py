@@ -335,7 +335,7 @@ async def test_failing_or_hanging_feedback_never_blocks(
             f"{bridge.url}/api/v1/buttons/desk/ack", json={"by": "Ada"}, headers=auth()
         ) as r:
             assert r.status == 200
-        assert len(bridge._feedback) == 1  # still running in the background
+        assert len(bridge.acknowledgements.feedback_tasks) == 1  # still running in the background
     assert not marker.exists()  # the stop cancelled (and killed) it
 
 

@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 
 from flicbridge import subscriptions
-from flicbridge.app import TOKEN_LIFETIME, Bridge
+from flicbridge.app import Bridge
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.server import local
+from flicbridge.tokens import TOKEN_LIFETIME
 from tests.conftest import TOKEN, Receiver, auth, make_config, running
 
 

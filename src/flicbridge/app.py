@@ -1,4 +1,13 @@
-"""The bridge: wires sources → mapping → state machine → store → dispatcher → sinks.
+"""The bridge: the one wiring point. It builds every part, hands each what it needs, and runs
+them under one TaskGroup.
+
+Sources → ``Intake`` (mapping, state machine, commit; intake.py) → store → dispatcher →
+sinks. Beside the pipeline: ``Telemetry`` (metrics, readiness, health alerts;
+telemetry.py), ``Acknowledgements`` (acks.py), ``ExecTokens`` and the announcements of
+local alerts (tokens.py), the subscriptions, the direct sinks, the HTTP server and the
+heartbeat. The parts never see the Bridge: each gets the shared values and the narrow
+callables it needs. The Bridge is the ``core.Core`` the server and the CLI are handed,
+and the ``SourceListener`` of every radio source; it delegates both to the parts.
 
 Constructors only assign; ``run`` starts every unit under one TaskGroup and stops them in
 order on ``stop``: sources first (no new presses), then deliveries in flight (bounded by
@@ -8,12 +17,8 @@ the HTTP timeout), then pending commits, then the store.
 from __future__ import annotations
 
 import asyncio
-import functools
-import secrets
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -21,37 +26,34 @@ import structlog
 from aiohttp import web
 
 from flicbridge import __version__
-from flicbridge.acks import FeedbackEvent, run_feedback
+from flicbridge.acks import Acknowledgements, FeedbackEvent
 from flicbridge.alerts import AlertBus
 from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.core import Accepted, ButtonStatus, ExecToken, Health
-from flicbridge.delivery import Outcome
 from flicbridge.dispatcher import Dispatcher
-from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
-from flicbridge.errors import NotAccepting, TokenExpired, TokenInUse, TokenSpent, UnknownButton
-from flicbridge.health import HealthChange, HealthMonitor, health_key
+from flicbridge.domain import Press, Signal
 from flicbridge.heartbeat import Heartbeat
-from flicbridge.mapping import signal_for
+from flicbridge.intake import Intake
 from flicbridge.metrics import Metrics
 from flicbridge.notify import Notifier, watchdog_loop
 from flicbridge.server.limits import BoundedRunner
 from flicbridge.server.wiring import build_app
 from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import DirectSink, Sink
-from flicbridge.sinks.pushover import PushoverSink
-from flicbridge.spill import Spill, default_path, to_json
-from flicbridge.state import AlertState, decide
-from flicbridge.store import AckRecord, Committed, EventRecord, OutboxRow, Store, StoreError
+from flicbridge.spill import Spill, default_path
+from flicbridge.state import AlertState
+from flicbridge.store import AckRecord, OutboxRow, Store
 from flicbridge.subscriptions import Subscriptions
+from flicbridge.telemetry import Telemetry
+from flicbridge.tokens import Announcements, ExecTokens
 
 log = structlog.get_logger(__name__)
 
-TOKEN_LIFETIME = 24 * 3600.0
-
 
 class Bridge:
-    """One running flicbridge. Implements ``SourceListener`` for every source."""
+    """One running flicbridge. Implements ``core.Core`` and, for every source,
+    ``SourceListener``."""
 
     def __init__(
         self,
@@ -80,6 +82,22 @@ class Bridge:
             clock=self.schedule.now,
         )
         self.sinks: dict[str, Sink] = {s.id: build_sink(s, config.site) for s in config.sinks}
+        # Shared by the parts: the intake moves ``states``; the others only read it.
+        self.states: dict[str, AlertState] = {}
+        self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
+        self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
+        self.telemetry = Telemetry(
+            config,
+            self.button_config,
+            self.buttons,
+            self.states,
+            metrics=self.metrics,
+            bus=self.alerts_bus,
+            health=self.health,
+            store_path=config.store.path,
+            submit=self.submit,  # health alerts are signals like any other
+            mono=mono,
+        )
         self.dispatcher = Dispatcher(
             self.store,
             self.sinks,
@@ -87,26 +105,43 @@ class Bridge:
             backoff_initial=config.delivery.backoff_initial,
             backoff_max=config.delivery.backoff_max,
             max_age=config.delivery.max_age,
-            listener=self,
+            listener=self.telemetry,
             clock=self.schedule,
         )
-        self.states: dict[str, AlertState] = {}
-        self.button_config: dict[str, ButtonConfig] = {b.id: b for b in config.buttons}
-        self.buttons: dict[str, ButtonStatus] = {b.id: ButtonStatus() for b in config.buttons}
-        self.tokens: dict[str, ExecToken] = {}
-        self._live_tokens: dict[str, list[str]] = {}  # button id → its unspent tokens
-        self._tokens_pruned = mono()
-        self.accepting = False
+        self.telemetry.watch_queues(self.dispatcher, list(self.sinks))
+        self.acknowledgements = Acknowledgements(
+            config, self.button_config, self.states, self.store, self.metrics, self.alerts_bus
+        )
+        self.acks: dict[str, AckRecord] = self.acknowledgements.records
+        self.tokens = ExecTokens(mono)
+        announcements = Announcements(
+            self.alerts_bus,
+            self.tokens,
+            alert_key=config.alert_key,
+            clear_ack=self.acknowledgements.clear,
+        )
+        # Presses held while the store cannot commit, also kept in a file (spill.py).
+        spill = config.store.spill
+        if spill is not None and not spill.is_absolute():
+            spill = config.store.path.parent / spill
+        self.spill = Spill(spill or default_path(config.store.path))
+        self.intake = Intake(
+            config,
+            self.button_config,
+            self.buttons,
+            self.states,
+            store=self.store,
+            dispatcher=self.dispatcher,
+            spill=self.spill,
+            metrics=self.metrics,
+            bus=self.alerts_bus,
+            heard=self.telemetry.heard,
+            announce=announcements.announce,
+        )
         self.started_at = mono()
         self.url: str | None = None
-        self._pending: set[asyncio.Future[Any]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
-        for sink_id in self.sinks:  # computed at scrape time, so never stale
-            depth = functools.partial(self._queue_depth, sink_id)
-            self.metrics.queue_depth.labels(sink_id).set_function(depth)
-            age = functools.partial(self._oldest_pending_age, sink_id)
-            self.metrics.oldest_pending.labels(sink_id).set_function(age)
         self.subscriptions = Subscriptions(self.store, self.alerts_bus, config, self.dispatcher)
         # Sinks with a connection of their own (MQTT) run beside the dispatcher, each with
         # the alert keys (and buttons) it serves.
@@ -122,28 +157,7 @@ class Bridge:
             for sink in self.sinks.values()
             if isinstance(sink, DirectSink)
         ]
-        self.acks: dict[str, AckRecord] = {}  # alert key → its acknowledgement (open alerts)
-        self._feedback: set[asyncio.Task[int | None]] = set()
         self.heartbeat: Heartbeat | None = None
-        self.health_monitor = HealthMonitor(
-            {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
-            battery_warn_percent=config.alerts.battery_warn_percent,
-            silent_after=config.alerts.silent_after,
-            is_open=self._health_open,
-            change=self._health_change,
-            clock=mono,
-        )
-        # Presses held while the store cannot commit, also kept in a file (spill.py).
-        spill = config.store.spill
-        if spill is not None and not spill.is_absolute():
-            spill = config.store.path.parent / spill
-        self.spill = Spill(spill or default_path(config.store.path))
-        self._held: dict[str, Signal] = {}  # spill id → press signal not yet committed
-        self._spilled: set[str] = set()
-        self._reuse_id: str | None = None
-        self.lost = 0  # presses neither committed nor spilled: the exit status says so
-        self._replay: asyncio.Task[None] | None = None  # a replay started on store recovery
-        self._committing: Counter[str] = Counter()  # alert key → its commits not yet settled
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -159,10 +173,9 @@ class Bridge:
         await self.store.open()
         runner: web.AppRunner | None = None
         try:
-            self.states = await self.store.alerts()
-            self.acks = await self.store.acks()
-            pushover = await self._pushover_receipts()
-            self.health_monitor.start()
+            self.states.update(await self.store.alerts())  # shared: filled, never rebound
+            pushover = await self.acknowledgements.load(self.sinks)
+            self.telemetry.start()
             await self.dispatcher.prepare()  # finds the backlog's lanes; rows stay on disk
             runner = BoundedRunner(build_app(self), access_log=None, handle_signals=False)
             await runner.setup()
@@ -172,7 +185,7 @@ class Bridge:
             self.accepting = True
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.dispatcher.run(), name="dispatcher")
-                tg.create_task(self._replay_held(), name="replay-held")
+                tg.create_task(self.intake.replay_held(), name="replay-held")
                 sources = [tg.create_task(c, name=n) for n, c in self._sources()]
                 extras = [tg.create_task(self.subscriptions.run(), name="subscriptions")]
                 extras += [
@@ -180,11 +193,12 @@ class Bridge:
                     for sink, keys in self.direct_sinks
                 ]
                 tg.create_task(watchdog_loop(self.notifier), name="watchdog")
-                tg.create_task(self.health_monitor.run(), name="button-health")
+                tg.create_task(self.telemetry.run(), name="button-health")
                 for sink in pushover:
-                    tg.create_task(sink.watch(self._receipt_acknowledged), name="pushover")
+                    on_ack = self.acknowledgements.receipt_acknowledged
+                    tg.create_task(sink.watch(on_ack), name="pushover")
                 if self.config.heartbeat.url is not None:
-                    self.heartbeat = Heartbeat(self.config.heartbeat, self._unhealthy)
+                    self.heartbeat = Heartbeat(self.config.heartbeat, self.telemetry.unhealthy)
                     tg.create_task(self.heartbeat.run(), name="heartbeat")
                 await asyncio.sleep(0)  # let sources make their first connection attempt
                 self.notifier.ready(f"listening on {self.url}")
@@ -197,18 +211,14 @@ class Bridge:
                 for task in sources + extras:
                     task.cancel()
                 await self.dispatcher.stop()
-                if self._pending:
-                    await asyncio.wait(self._pending, timeout=self.config.delivery.timeout)
+                await self.intake.drain(self.config.delivery.timeout)
                 # Unwind the TaskGroup: every remaining task (dispatcher, watchdog) is cancelled.
                 raise _Stopped
         except* _Stopped:
             pass
         finally:
-            self.accepting = False
-            for feedback in list(self._feedback):
-                feedback.cancel()
-            if self._replay is not None:
-                self._replay.cancel()  # what it has not committed stays in the spill file
+            self.intake.close()  # a replay under way stops; the spill file keeps the rest
+            self.acknowledgements.cancel_feedback()
             if runner is not None:
                 await runner.cleanup()
             await self.store.close()
@@ -256,593 +266,68 @@ class Bridge:
             coroutines.append(("source:ble", ble.run()))
         return coroutines
 
-    def _queue_depth(self, sink_id: str) -> float:
-        return float(self.dispatcher.depth().get(sink_id, 0))
+    def _store_health(self, ok: bool, error: str) -> None:
+        """The store's commits started failing or work again: the intake keeps or replays
+        its held presses; telemetry records it and alerts."""
+        self.intake.store_health(ok)
+        self.telemetry.store_health(ok, error)
 
-    def _oldest_pending_age(self, sink_id: str) -> float:
-        oldest = self.dispatcher.oldest().get(sink_id)
-        return 0.0 if oldest is None else self.dispatcher.now() - oldest
+    @property
+    def accepting(self) -> bool:
+        """Whether new signals are taken (False before start and from ``stop`` on)."""
+        return self.intake.accepting
 
-    # -- SourceListener --------------------------------------------------------------
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self.intake.accepting = value
+
+    @property
+    def lost(self) -> int:
+        """Presses neither committed nor spilled: the exit status says so."""
+        return self.intake.lost
+
+    # -- SourceListener: presses to the intake, the rest to telemetry -------------------
 
     def press(self, press: Press) -> None:
-        """A gesture arrived: map it, decide, commit; never blocks the loop."""
-        button = self.button_config.get(press.button_id)
-        if button is None:
-            log.warning("press_unknown_button", button=press.button_id)
-            return
-
-        ctx = {"button": button.id, "click": press.click.value, "source": press.source}
-        self.health_monitor.heard(button.id)
-
-        max_age = self.config.alerts.max_press_age
-        if press.queued:
-            log.info(
-                "late_press",
-                **ctx,
-                delay_s=round(press.delay_s, 3),
-                pressed_at=press.pressed_at.isoformat(),
-            )
-        if max_age and press.delay_s > max_age:
-            log.warning(
-                "press_dropped_too_old", **ctx, delay_s=press.delay_s, max_press_age=max_age
-            )
-            self.metrics.dropped_presses.labels(button.id).inc()
-            return
-        state = self._state(button)
-        signal_state = signal_for(button, press.click, state.is_open)
-        if signal_state is None:
-            log.info("press_unmapped", **ctx)
-            return
-        self.buttons[button.id].last_press = press.pressed_at.isoformat()
-        try:
-            self.submit(
-                Signal(
-                    button_id=button.id,
-                    state=signal_state,
-                    origin="press",
-                    received_at=press.received_at,
-                    press=press,
-                    info=press.info,
-                )
-            )
-        except NotAccepting:
-            log.warning("press_refused_shutting_down", **ctx)
-        except StoreError as exc:  # the store is failing and holds all it may (store.py)
-            if self._keep(secrets.token_hex(8), press_signal(button.id, signal_state, press)):
-                return
-            self.lost += 1
-            log.error(
-                "press_lost",
-                **ctx,
-                reason=str(exc),
-                state=signal_state.value,
-                pressed_at=press.pressed_at.isoformat(),
-                queued=press.queued,
-            )
-            self.alerts_bus.publish(
-                "ERROR",
-                "MESSAGE",
-                "HIGH",
-                f"a press of {button.display_name} at {press.pressed_at.isoformat()} was LOST: "
-                f"{exc}",
-                button=button.id,
-            )
+        self.intake.press(press)
 
     def link(self, source: str, up: bool, detail: str) -> None:
-        was = self.health.source_up.get(source)
-        self.health.source_up[source] = up
-        self.health.source_detail[source] = detail
-        self.metrics.source_up.labels(source).set(1 if up else 0)
-        if was and not up:
-            self.alerts_bus.publish("WARNING", "MESSAGE", "HIGH", f"{source} lost: {detail}")
+        self.telemetry.link(source, up, detail)
 
     def faults(self, source: str, reasons: list[str]) -> None:
-        had = self.health.source_faults.get(source, [])
-        self.health.source_faults[source] = list(reasons)
-        for reason in reasons:
-            if reason not in had:
-                log.warning("source_fault", source=source, reason=reason)
-        if had and not reasons:
-            log.info("source_faults_cleared", source=source)
+        self.telemetry.faults(source, reasons)
 
     def button_link(self, button_id: str, connected: bool, detail: str) -> None:
-        status = self.buttons.get(button_id)
-        if status is None:
-            return
-        status.connected, status.detail = connected, detail
-        self.health_monitor.heard(button_id)
-        self.metrics.button_connected.labels(button_id).set(1 if connected else 0)
-        log.info("button_link", button=button_id, connected=connected, detail=detail)
+        self.telemetry.button_link(button_id, connected, detail)
 
     def battery(self, button_id: str, percent: int) -> None:
-        status = self.buttons.get(button_id)
-        if status is None:
-            return
-        status.battery = percent
-        self.metrics.battery.labels(button_id).set(percent)
-        self.health_monitor.battery(button_id, percent)
-        threshold = self.config.alerts.battery_warn_percent
-        if percent < threshold and not status.battery_low:
-            status.battery_low = True
-            log.warning("battery_low", button=button_id, percent=percent)
-            self.alerts_bus.publish(
-                "WARNING",
-                "MESSAGE",
-                "NORMAL",
-                f"battery of {self._name(button_id)} is at {percent} %",
-                button=button_id,
-            )
-        elif percent >= threshold and status.battery_low:
-            status.battery_low = False  # recovered: the next dip warns again
+        self.telemetry.battery(button_id, percent)
 
-    # -- the pipeline ----------------------------------------------------------------
-
-    def _state(self, button: ButtonConfig) -> AlertState:
-        key = self.config.alert_key(button)
-        state = self.states.get(key)
-        if state is None:
-            state = AlertState(alert_key=key, button_id=button.id)
-        return state
-
-    def _name(self, button_id: str) -> str:
-        button = self.button_config.get(button_id)
-        return button.display_name if button else button_id
+    # -- Core ------------------------------------------------------------------------
 
     def submit(
         self, signal: Signal, *, callback: tuple[str, str] | None = None, health: bool = False
     ) -> asyncio.Future[Accepted]:
-        """Decide ``signal`` now (arrival order) and commit it; the future says when it is safe.
-
-        ``callback`` = (source, event id) makes a repeat of the same callback a no-op.
-        ``health`` moves the button's health alert (``<alert key>/health``) instead.
-        """
-        if not self.accepting:
-            raise NotAccepting("shutting down")
-        button = self.button_config.get(signal.button_id)
-        if button is None:
-            raise UnknownButton(signal.button_id)
-        now = utcnow()
-        before = self._health_state(button) if health else self._state(button)
-        decision, after = decide(before, signal.state, now, self.config.alerts.suppress_repeat_for)
-        sends = decision.sends and not signal.local_only
-        messages = (
-            [
-                (sink.id, self._message(button, signal, decision))
-                for sink in self.config.sinks_of(button)
-            ]
-            if sends and not health
-            else []
-        )
-        if sends and health:
-            messages = self._health_messages(button, signal, decision)
-        press = signal.press
-        event = EventRecord(
-            button_id=button.id,
-            alert_key=after.alert_key,
-            origin=signal.origin + (" (rearm)" if signal.local_only else ""),
-            state=signal.state.value,
-            click=press.click.value if press else "",
-            decision=decision.value,
-            received_at=signal.received_at,
-            pressed_at=press.pressed_at if press else signal.received_at,
-            delay_s=press.delay_s if press else 0.0,
-            queued=press.queued if press else False,
-            info=signal.info,
-            actor=signal.actor,
-        )
-        # The decision is made; state moves now so the next signal sees it (arrival order).
-        previous = self.states.get(after.alert_key)
-        started = time.perf_counter()
-        steps = self.dispatcher.steps  # the rows' times are on the schedule clock as of now
-        # A live press (nothing of its key waiting for the disk) is committed ahead of
-        # other keys' writes: a burst from other buttons does not delay it.
-        key = after.alert_key
-        urgent = not self._committing[key]
-        committed = self.store.commit_event(
-            event, after, messages, callback=callback, urgent=urgent
-        )
-        self._committing[key] += 1
-        self.states[after.alert_key] = after  # after commit_event: a refusal moves nothing
-        held_id = self._hold(signal)
-        result: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._pending.add(result)
-        result.add_done_callback(self._pending.discard)
-
-        def on_commit(done: asyncio.Future[Committed]) -> None:
-            self._committing[key] -= 1
-            if not self._committing[key]:
-                del self._committing[key]
-            try:
-                settle(done)
-            except Exception as exc:  # never leave a caller waiting on a bug of ours
-                log.exception("commit_callback_failed", button=button.id)
-                if not result.done():
-                    result.set_exception(exc)
-
-        def settle(done: asyncio.Future[Committed]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                error = done.exception() if not done.cancelled() else None
-                log.error(
-                    "commit_failed",
-                    button=button.id,
-                    error=str(error),
-                    origin=signal.origin,
-                    state=signal.state.value,
-                    decision=decision.value,
-                    click=event.click or None,
-                    pressed_at=event.pressed_at.isoformat(),
-                )
-                self._release(held_id, committed=False)
-                if not result.done():
-                    result.set_exception(error or RuntimeError("commit cancelled"))
-                return
-            self._release(held_id, committed=True)
-            c = done.result()
-            if c.duplicate:
-                # Nothing was written: undo the in-memory move, unless a later signal for
-                # the same key has moved the state on since.
-                if self.states.get(after.alert_key) is after:
-                    if previous is None:
-                        self.states.pop(after.alert_key, None)
-                    else:
-                        self.states[after.alert_key] = previous
-                log.info("callback_duplicate", button=button.id, origin=signal.origin)
-                result.set_result(Accepted(0, decision, (), duplicate=True))
-                return
-            current = self.states[after.alert_key]
-            self.states[after.alert_key] = replace(current, last_event=c.event_id)
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self.metrics.presses.labels(button.id, signal.origin, decision.value).inc()
-            if not health:
-                self.buttons[button.id].last_decision = decision.value
-            log.info(
-                "accepted",
-                button=button.id,
-                alert_key=after.alert_key,
-                origin=signal.origin,
-                state=signal.state.value,
-                decision=decision.value,
-                event_id=c.event_id,
-                rows=len(c.rows),
-                click=event.click or None,
-                delay_s=round(event.delay_s, 3) if event.queued else None,
-                local_only=signal.local_only or None,
-            )
-            self.dispatcher.add(c.rows, since=steps)
-            if not health:
-                self._announce(button, signal, decision, c.event_id)
-            result.set_result(Accepted(c.event_id, decision, c.rows))
-
-        committed.add_done_callback(on_commit)
-        return result
-
-    def _message(self, button: ButtonConfig, signal: Signal, decision: Decision) -> Message:
-        press = signal.press
-        info = button.info
-        if signal.info:
-            info = f"{info} — {signal.info}" if info else signal.info
-        return Message(
-            alert_key=self.config.alert_key(button),
-            button_id=button.id,
-            button_name=button.display_name,
-            name_id=button.name_id or self.config.alert_key(button),
-            info=info,
-            state=SignalState.ON if decision.action == "open" else SignalState.OFF,
-            action=decision.action,
-            click=press.click.value if press else "",
-            pressed_at=press.pressed_at if press else signal.received_at,
-            delay_s=press.delay_s if press else 0.0,
-            site=self.config.site or "",
-            severity=button.severity,
-            event=0,
-            origin=signal.origin,
-            queued=press.queued if press else False,
-        )
-
-    def _announce(
-        self, button: ButtonConfig, signal: Signal, decision: Decision, event: int
-    ) -> None:
-        """Local alerts for a decision: INFO always, EXECUTE (close token) when opened."""
-        name = button.display_name
-        self.alerts_bus.publish(
-            "INFO",
-            "SHOW_EVENT",
-            "NORMAL",
-            f"{name}: {signal.state.value} from {signal.origin} → {decision.value}",
-            event=event,
-            button=button.id,
-        )
-        if decision is Decision.OPEN:
-            self._clear_ack(self.config.alert_key(button))
-            now = self.mono()
-            if now - self._tokens_pruned > 3600:
-                # Forget tokens a day after they expired (until then they answer 409/410).
-                self._tokens_pruned = now
-                for old in [
-                    t for t, e in self.tokens.items() if now - e.created > 2 * TOKEN_LIFETIME
-                ]:
-                    del self.tokens[old]
-            token = secrets.token_urlsafe(24)
-            self.tokens[token] = ExecToken(button.id, event, now)
-            self._live_tokens.setdefault(button.id, []).append(token)
-            self.alerts_bus.publish(
-                "INFO",
-                "EXECUTE",
-                "HIGH",
-                f"{name} raised an alert. Close it?",
-                event=event,
-                token=token,
-                button=button.id,
-            )
-        elif decision is Decision.CLOSE:
-            for token in self._live_tokens.pop(button.id, ()):
-                entry = self.tokens.get(token)  # None once pruned
-                if entry is not None:
-                    entry.spent = True  # the alert it would close is closed
-
-    # -- heartbeat -------------------------------------------------------------------
-
-    def _unhealthy(self) -> list[str]:
-        """Why the heartbeat is withheld: the store fails or a radio source is down."""
-        reasons = []
-        if not self.health.store_ok:
-            reasons.append(f"store cannot commit: {self.health.store_error}")
-        for source, up in self.health.source_up.items():
-            if not up:
-                reasons.append(f"{source} not connected: {self.health.source_detail.get(source)}")
-        return reasons
-
-    # -- button health ---------------------------------------------------------------
-
-    def _health_state(self, button: ButtonConfig) -> AlertState:
-        key = health_key(self.config.alert_key(button))
-        return self.states.get(key) or AlertState(alert_key=key, button_id=button.id)
-
-    def _health_open(self, button_id: str) -> bool:
-        button = self.button_config.get(button_id)
-        return button is not None and self._health_state(button).is_open
-
-    def _health_messages(
-        self, button: ButtonConfig, signal: Signal, decision: Decision
-    ) -> list[tuple[str, Message]]:
-        """The health alert's messages: severity warning, the reason as info."""
-        wanted = self.config.alerts.health_sinks
-        sinks = (
-            self.config.sinks_of(button)
-            if wanted is None
-            else tuple(s for s in self.config.sinks if s.id in wanted)
-        )
-        key = health_key(self.config.alert_key(button))
-        base = replace(
-            self._message(button, signal, decision),
-            alert_key=key,
-            name_id=key,
-            info=signal.info,
-            severity="warning",
-        )
-        return [(sink.id, base) for sink in sinks]
-
-    def _health_change(self, change: HealthChange) -> None:
-        state = SignalState.ON if change.unhealthy else SignalState.OFF
-        signal = Signal(
-            button_id=change.button_id,
-            state=state,
-            origin="health",
-            received_at=utcnow(),
-            info=change.reason,
-        )
-        try:
-            self.submit(signal, health=True)
-        except (NotAccepting, UnknownButton, StoreError) as exc:
-            log.error("health_alert_not_recorded", button=change.button_id, error=str(exc))
-            return
-        if change.unhealthy and "not heard" in change.summary:
-            self.alerts_bus.publish(
-                "WARNING", "MESSAGE", "NORMAL", change.summary, button=change.button_id
-            )
-
-    # -- acknowledgements ------------------------------------------------------------
-
-    async def _pushover_receipts(self) -> list[PushoverSink]:
-        """Give each Pushover sink its kept receipts and a way to keep new ones."""
-        sinks = [s for s in self.sinks.values() if isinstance(s, PushoverSink)]
-        kept = await self.store.receipts() if sinks else {}
-        for sink in sinks:
-            sink.receipts.update(kept.get(sink.id, {}))
-            sink.remember = functools.partial(self._keep_receipt, sink.id)
-        return sinks
-
-    def _keep_receipt(self, sink_id: str, alert_key: str, receipt: str | None) -> None:
-        saved = self.store.save_receipt(sink_id, alert_key, receipt)
-        self._persist(saved, "receipt_save_failed", f"{sink_id}/{alert_key}")
-
-    def _receipt_acknowledged(self, alert_key: str, by: str, at: datetime | None) -> None:
-        """Pushover says someone acknowledged the emergency message of ``alert_key``."""
-        state = self.states.get(alert_key)
-        button = self.button_config.get(state.button_id) if state else None
-        if button is None or self.config.alert_key(button) != alert_key:
-            log.info("ack_ignored_not_a_button_alert", alert_key=alert_key, source="pushover")
-            return
-        opened = state.opened_at if state else None
-        if at is not None and opened is not None and at < opened:
-            # The receipt of an earlier open of this alert, acknowledged before this one.
-            log.info("ack_ignored_before_open", button=button.id, source="pushover")
-            return
-        self.acknowledge(button.id, by, at, source="pushover")
+        """Decide ``signal`` now and commit it (``Intake.submit``)."""
+        return self.intake.submit(signal, callback=callback, health=health)
 
     def acknowledge(
         self, button_id: str, by: str, at: datetime | None = None, *, source: str
     ) -> AckRecord | None:
-        """Record that ``by`` acknowledged the button's open alert (from ``source``).
-
-        Returns the record, or None when the alert is not open (nothing to acknowledge;
-        logged). Raises UnknownButton. The record is kept in memory at once and written to
-        the store in the background; a repeat replaces it. Publishes a HIGH INFO local
-        alert, counts it, and runs ``[feedback] command``.
-        """
-        button = self.button_config.get(button_id)
-        if button is None:
-            raise UnknownButton(button_id)
-        key = self.config.alert_key(button)
-        state = self.states.get(key)
-        if state is None or not state.is_open:
-            log.info("ack_ignored_not_open", button=button_id, source=source, by=by or None)
-            return None
-        at = at or utcnow()
-        record = AckRecord(key, button.id, by, at, source)
-        self.acks[key] = record
-        self._persist(self.store.save_ack(record), "ack_save_failed", button.id)
-        if state.opened_at is not None:
-            waited = max((at - state.opened_at).total_seconds(), 0.0)
-            self.metrics.time_to_ack.labels(button.id).observe(waited)
-        self.metrics.acknowledgements.labels(button.id, source).inc()
-        who = by or "someone"
-        log.info("acknowledged", button=button.id, source=source, by=by or None)
-        self.alerts_bus.publish(
-            "INFO",
-            "MESSAGE",
-            "HIGH",
-            f"{button.display_name}: {who} acknowledged the alert (via {source}); help is coming",
-            event=state.last_event,
-            button=button.id,
-        )
-        self.feedback("acknowledged", button.id, by)
-        return record
+        """Record an acknowledgement of the button's open alert (``Acknowledgements``)."""
+        return self.acknowledgements.acknowledge(button_id, by, at, source=source)
 
     def feedback(self, event: FeedbackEvent, button_id: str, by: str) -> None:
         """Start ``[feedback] command`` in the background (nothing when none is set)."""
-        command = self.config.feedback.command
-        if not command:
-            return
-        task = asyncio.get_running_loop().create_task(
-            run_feedback(
-                command, self.config.feedback.timeout, event=event, button=button_id, by=by
-            ),
-            name=f"feedback:{button_id}",
-        )
-        self._feedback.add(task)
-        task.add_done_callback(self._feedback.discard)
+        self.acknowledgements.feedback(event, button_id, by)
 
-    def _clear_ack(self, alert_key: str) -> None:
-        if self.acks.pop(alert_key, None) is not None:
-            self._persist(self.store.clear_ack(alert_key), "ack_clear_failed", alert_key)
+    def exec_token(self, token: str) -> ExecToken:
+        """Take a single-use token for its action (``ExecTokens.take``)."""
+        return self.tokens.take(token)
 
-    @staticmethod
-    def _persist(future: asyncio.Future[None], event: str, subject: str) -> None:
-        def done(f: asyncio.Future[None]) -> None:
-            if not f.cancelled() and f.exception() is not None:
-                log.error(event, subject=subject, error=str(f.exception()))
-
-        future.add_done_callback(done)
-
-    # -- DeliveryListener ------------------------------------------------------------
-
-    def delivered(self, row: OutboxRow, outcome: Outcome, latency: float) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "delivered").inc()
-        self.metrics.latency.labels(row.sink_id).observe(max(latency, 0.0))
-
-    def retrying(self, row: OutboxRow, outcome: Outcome, delay: float) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "retry").inc()
-        self.metrics.retries.labels(row.sink_id).inc()
-
-    def dead(self, row: OutboxRow, outcome: Outcome) -> None:
-        self.metrics.deliveries.labels(row.sink_id, "dead").inc()
-        self.metrics.dead_letters.labels(row.sink_id).inc()
-        self.alerts_bus.publish(
-            "ERROR",
-            "MESSAGE",
-            "HIGH",
-            f"{row.message.action} of {row.message.button_name} could not be delivered to "
-            f"{row.sink_id}: {outcome.detail} (row {row.id}; `flicbridge queue retry "
-            f"{row.id}` re-queues it)",
-            event=row.message.event,
-            button=row.message.button_id,
-        )
-
-    # -- held presses (spill.py) -----------------------------------------------------
-
-    def _hold(self, signal: Signal) -> str | None:
-        """Track a press until its commit; spill it at once if the store is failing."""
-        if signal.press is None:
-            return None  # API, ingest and callback callers are told and retry themselves
-        held_id, self._reuse_id = self._reuse_id or secrets.token_hex(8), None
-        self._held[held_id] = signal
-        if not self.store.healthy:
-            self._keep(held_id, signal)
-        return held_id
-
-    def _keep(self, held_id: str, signal: Signal) -> bool:
-        """Write a held press to the spill file; False (logged) when that fails too."""
-        if held_id in self._spilled:
-            return True
-        try:
-            self.spill.hold(held_id, signal)
-        except OSError as exc:
-            log.error("spill_failed", path=str(self.spill.path), error=str(exc))
-            return False
-        self._spilled.add(held_id)
-        log.warning("press_spilled", button=signal.button_id, path=str(self.spill.path))
-        return True
-
-    def _release(self, held_id: str | None, *, committed: bool) -> None:
-        if held_id is None:
-            return
-        signal = self._held.pop(held_id, None)
-        if held_id not in self._spilled:
-            if not committed and signal is not None and not self._keep(held_id, signal):
-                self.lost += 1
-                log.error("press_lost", **spill_json(signal))
-            return
-        if committed:
-            self._spilled.discard(held_id)
-            try:
-                self.spill.done(held_id)
-            except OSError as exc:  # replayed again at next start: a repeat On is appended
-                log.warning("spill_done_failed", path=str(self.spill.path), error=str(exc))
-
-    async def _replay_held(self) -> None:
-        """Commit, in order, the presses a previous run (or a refusal) left in the spill."""
-        held = [(i, s) for i, s in self.spill.pending() if i not in self._held]
-        if not held:
-            return
-        log.warning("held_presses_replayed", count=len(held), path=str(self.spill.path))
-        waits = []
-        for held_id, signal in held:
-            self._reuse_id = held_id
-            self._spilled.add(held_id)
-            try:
-                waits.append(self.submit(signal))
-            except (StoreError, UnknownButton, NotAccepting) as exc:
-                self._reuse_id = None
-                log.error("held_press_not_replayed", error=str(exc), **spill_json(signal))
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        if not any(isinstance(r, BaseException) for r in results) and not self._spilled:
-            self.spill.clear()
-
-    # -- store health ----------------------------------------------------------------
-
-    def _store_health(self, ok: bool, error: str) -> None:
-        self.health.store_ok, self.health.store_error = ok, error
-        self.metrics.store_healthy.set(1 if ok else 0)
-        if not ok:  # presses already waiting on the failing store: keep them durably too
-            for held_id, signal in list(self._held.items()):
-                self._keep(held_id, signal)
-        if ok and self.accepting and (self._replay is None or self._replay.done()):
-            # Presses spilled without a place in memory (refused past max_held) commit now.
-            self._replay = asyncio.get_running_loop().create_task(self._replay_held())
-        if ok:
-            log.info("store_recovered")
-        else:
-            log.error("store_commit_failing", error=error, path=str(self.store.path))
-            self.alerts_bus.publish(
-                "ERROR",
-                "MESSAGE",
-                "HIGH",
-                f"the store cannot commit ({error}); presses are held in memory and retried",
-            )
-
-    # -- operator actions ------------------------------------------------------------
+    def token_done(self, token: str, *, committed: bool) -> None:
+        """The token's action was committed (spent) or not (usable again)."""
+        self.tokens.done(token, committed=committed)
 
     async def drop(self, row_id: int) -> bool:
         """Delete a pending or dead row (an operator's choice); False if there is none."""
@@ -859,39 +344,6 @@ class Bridge:
         rows = await self.store.requeue(row_id)
         self.dispatcher.add(rows, since=steps)
         return rows
-
-    def exec_token(self, token: str) -> ExecToken:
-        """Take a single-use token for its action; ``token_done`` spends or returns it.
-
-        KeyError unknown; TokenSpent, TokenInUse or TokenExpired otherwise.
-        """
-        entry = self.tokens[token]
-        if entry.spent:
-            raise TokenSpent(token)
-        if entry.in_use:
-            raise TokenInUse(token)
-        if self.mono() - entry.created > TOKEN_LIFETIME:
-            raise TokenExpired(token)
-        entry.in_use = True
-        return entry
-
-    def token_done(self, token: str, *, committed: bool) -> None:
-        """The token's action was committed (spent) or not (usable again)."""
-        entry = self.tokens.get(token)
-        if entry is not None:
-            entry.in_use = False
-            entry.spent = entry.spent or committed
-
-
-def press_signal(button_id: str, state: SignalState, press: Press) -> Signal:
-    """The signal a press makes (as ``Bridge.press`` submits it)."""
-    origin = press.source if press.source == "ingest" else "press"
-    return Signal(button_id, state, origin, press.received_at, press=press, info=press.info)
-
-
-def spill_json(signal: Signal) -> dict[str, Any]:
-    """A held press's content, for the ``press_lost`` log line."""
-    return to_json(signal)
 
 
 class _Stopped(Exception):

@@ -20,10 +20,12 @@ the start.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
+
+from flicbridge.state import AlertState
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +53,12 @@ class HealthChange:
 
 def health_key(alert_key: str) -> str:
     return alert_key + HEALTH_SUFFIX
+
+
+def health_state(states: Mapping[str, AlertState], alert_key: str, button_id: str) -> AlertState:
+    """The state of the health alert of the button whose alert key is ``alert_key``."""
+    key = health_key(alert_key)
+    return states.get(key) or AlertState(alert_key=key, button_id=button_id)
 
 
 def _duration(seconds: float) -> str:
