@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Daemon, Receiver, percentile, summary_ms
+from benchmarks.harness import Daemon, percentile, summary_ms
 from benchmarks.scenarios import (
     FAST_PACING,
     address,
@@ -43,6 +43,7 @@ from benchmarks.scenarios import (
 )
 from flicbridge.sinks import SINK_CLASSES
 from flicbridge.sources.simulator import Simulator
+from tests.receiver import Receiver
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "slowfsync.c"
 DEFAULT_BURST = 5

@@ -20,8 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.harness import Daemon, Receiver, summary_ms
+from benchmarks.harness import Daemon, summary_ms
 from flicbridge.sources.simulator import Simulator
+from tests.receiver import Receiver
 
 TOKEN = "bench-token"
 FAST_PACING = {"rate": 100_000.0, "burst": 10_000}  # pacing is not what is measured
@@ -147,7 +148,7 @@ async def latency(quick: bool) -> dict[str, Any]:
             measured = await press_latencies(sim, receiver, buttons, n, spacing, warmup)
             rss = daemon.rss_kb()
             await daemon.stop()
-            receiver.arrivals.clear()
+            receiver.clear()
             base = await baseline_latencies(receiver, workdir, n, spacing, warmup)
         finally:
             daemon.close()
@@ -291,7 +292,7 @@ async def burst(quick: bool) -> dict[str, Any]:
             await daemon.stop()
             keys = {a.body["alert_key"] for a in receiver.delivered()}
             commits = await baseline_commits(workdir, total)
-            receiver.arrivals.clear()
+            receiver.clear()
             posts = await baseline_posts(receiver, min(total, 5000), 100)
         finally:
             daemon.close()

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import Receiver, toml_dumps
+from benchmarks.harness import toml_dumps
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.dispatcher import WINDOW
@@ -40,6 +40,7 @@ from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.sources.simulator import Simulator
 from flicbridge.store import Store
 from tests.conftest import make_config, running
+from tests.receiver import Receiver
 
 A = "80:e4:da:70:00:01"
 IDLE_JUMP = 0.005  # real seconds of silence before the clock jumps to the next timer

@@ -18,7 +18,8 @@ from flicbridge import subscriptions
 from flicbridge.app import TOKEN_LIFETIME, Bridge
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.server import local
-from tests.conftest import TOKEN, Receiver, auth, make_config, running
+from tests.conftest import TOKEN, auth, make_config, running
+from tests.receiver import Receiver
 
 
 class Stream:
