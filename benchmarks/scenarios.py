@@ -20,8 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.harness import Daemon, summary_ms
+from benchmarks.stats import summary_ms
 from flicbridge.sources.simulator import Simulator
+from tests.daemon import Daemon
 from tests.receiver import Receiver
 
 TOKEN = "bench-token"

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from benchmarks.harness import Daemon
 from flicbridge.sources.simulator import Simulator
+from tests.daemon import Daemon
 from tests.receiver import Received, Receiver
 
 TOKEN = "crash-token"

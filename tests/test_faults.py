@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import toml_dumps
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.dispatcher import WINDOW
@@ -40,6 +39,7 @@ from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.sources.simulator import Simulator
 from flicbridge.store import Store
 from tests.conftest import make_config, running
+from tests.daemon import toml_dumps
 from tests.receiver import Receiver
 
 A = "80:e4:da:70:00:01"

@@ -1,9 +1,10 @@
-"""A real flicbridge daemon process and the world around it (the receiver: tests.receiver).
+"""A real flicbridge daemon process and what it needs around it: config, notify socket, /proc.
 
-Used by the benchmarks and by the tests that need a process to kill: the daemon runs
-as ``python -m flicbridge run --config FILE`` with ``NOTIFY_SOCKET`` pointing at a
-socket we own (so READY=1 is observed exactly as systemd observes it), its JSON log
-goes to a file, and its memory and CPU are read from /proc.
+Used by the tests that need a process to kill and by the benchmarks: the daemon runs as
+``python -m flicbridge run --config FILE`` with ``NOTIFY_SOCKET`` pointing at a socket we
+own (so READY=1 is observed exactly as systemd observes it), its JSON log goes to a file,
+and its memory and CPU are read from /proc. The platform it talks to is
+``tests.receiver.Receiver``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # -- TOML (the config format; the standard library only reads it) ----------------------
 
@@ -81,29 +81,6 @@ def proc_cpu_seconds(pid: int) -> float:
         after_name = f.read().rsplit(")", 1)[1].split()
     utime, stime = int(after_name[11]), int(after_name[12])
     return (utime + stime) / CLK_TCK
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """The ``p``-th percentile (nearest rank) of ``values``."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """n, p50, p95, p99 and max of durations given in seconds, in milliseconds."""
-    return {
-        "n": len(seconds),
-        "p50_ms": round(percentile(seconds, 50) * 1000, 3),
-        "p95_ms": round(percentile(seconds, 95) * 1000, 3),
-        "p99_ms": round(percentile(seconds, 99) * 1000, 3),
-        "max_ms": round(max(seconds) * 1000, 3) if seconds else math.nan,
-    }
 
 
 # -- sd_notify ------------------------------------------------------------------------------
