@@ -353,29 +353,10 @@ asyncio.run(main())
 class BareDaemon(Daemon):
     """The baseline process: the same interpreter and libraries, an idle aiohttp server, READY=1."""
 
-    async def start(self, timeout: float = 20.0) -> float:
+    def command(self) -> list[str]:
         script = self.workdir / "bare.py"
         script.write_text(BASELINE_SCRIPT)
-        if self.notify._sock is None:
-            self.notify.open()
-        self.incarnation += 1
-        self._log_files.append(self.log_path)
-        since = len(self.notify.messages)
-        env = {**self.env, "NOTIFY_SOCKET": str(self.notify.path)}
-        with open(self.log_path, "wb") as log:  # noqa: ASYNC230 - as in Daemon.start
-            spawned = time.perf_counter()
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(script),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        async with asyncio.timeout(timeout):
-            stamp, _ = await self.notify.wait_for("READY", since)
-        self.ready_s = stamp - spawned
-        return self.ready_s
+        return [sys.executable, str(script)]
 
 
 async def idle_profile(

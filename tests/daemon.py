@@ -176,8 +176,22 @@ class Daemon:
     def log_path(self) -> Path:
         return self.workdir / f"daemon-{self.incarnation}.log"
 
+    def command(self) -> list[str]:
+        """The command line that starts this daemon."""
+        return [
+            sys.executable,
+            "-m",
+            "flicbridge",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--log-level",
+            self.log_level,
+        ]
+
     async def start(self, timeout: float = 20.0) -> float:
         """Spawn the daemon and wait for READY=1; return the seconds from spawn to READY."""
+        command = self.command()
         if self.notify._sock is None:
             self.notify.open()
         self.incarnation += 1
@@ -188,14 +202,7 @@ class Daemon:
         with open(self.log_path, "wb") as log:  # noqa: ASYNC230
             spawned = time.perf_counter()
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "flicbridge",
-                "run",
-                "--config",
-                str(self.config_path),
-                "--log-level",
-                self.log_level,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
