@@ -21,7 +21,7 @@ from typing import Any
 
 import aiomqtt
 
-from benchmarks.harness import percentile
+from benchmarks.stats import percentile
 from flicbridge.app import Bridge
 from flicbridge.config import config_from_mapping
 from flicbridge.domain import Signal, SignalState, utcnow

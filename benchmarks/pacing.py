@@ -31,7 +31,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Daemon, Receiver, percentile, summary_ms
 from benchmarks.scenarios import (
     FAST_PACING,
     address,
@@ -41,8 +40,11 @@ from benchmarks.scenarios import (
     start_sim,
     until,
 )
+from benchmarks.stats import percentile, summary_ms
 from flicbridge.sinks import SINK_CLASSES
 from flicbridge.sources.simulator import Simulator
+from tests.daemon import Daemon
+from tests.receiver import Receiver
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "slowfsync.c"
 DEFAULT_BURST = 5

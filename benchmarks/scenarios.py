@@ -20,8 +20,10 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.harness import Daemon, Receiver, summary_ms
+from benchmarks.stats import summary_ms
 from flicbridge.sources.simulator import Simulator
+from tests.daemon import Daemon
+from tests.receiver import Receiver
 
 TOKEN = "bench-token"
 FAST_PACING = {"rate": 100_000.0, "burst": 10_000}  # pacing is not what is measured
@@ -147,7 +149,7 @@ async def latency(quick: bool) -> dict[str, Any]:
             measured = await press_latencies(sim, receiver, buttons, n, spacing, warmup)
             rss = daemon.rss_kb()
             await daemon.stop()
-            receiver.arrivals.clear()
+            receiver.clear()
             base = await baseline_latencies(receiver, workdir, n, spacing, warmup)
         finally:
             daemon.close()
@@ -291,7 +293,7 @@ async def burst(quick: bool) -> dict[str, Any]:
             await daemon.stop()
             keys = {a.body["alert_key"] for a in receiver.delivered()}
             commits = await baseline_commits(workdir, total)
-            receiver.arrivals.clear()
+            receiver.clear()
             posts = await baseline_posts(receiver, min(total, 5000), 100)
         finally:
             daemon.close()
@@ -351,29 +353,10 @@ asyncio.run(main())
 class BareDaemon(Daemon):
     """The baseline process: the same interpreter and libraries, an idle aiohttp server, READY=1."""
 
-    async def start(self, timeout: float = 20.0) -> float:
+    def command(self) -> list[str]:
         script = self.workdir / "bare.py"
         script.write_text(BASELINE_SCRIPT)
-        if self.notify._sock is None:
-            self.notify.open()
-        self.incarnation += 1
-        self._log_files.append(self.log_path)
-        since = len(self.notify.messages)
-        env = {**self.env, "NOTIFY_SOCKET": str(self.notify.path)}
-        with open(self.log_path, "wb") as log:  # noqa: ASYNC230 - as in Daemon.start
-            spawned = time.perf_counter()
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(script),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        async with asyncio.timeout(timeout):
-            stamp, _ = await self.notify.wait_for("READY", since)
-        self.ready_s = stamp - spawned
-        return self.ready_s
+        return [sys.executable, str(script)]
 
 
 async def idle_profile(

@@ -1,4 +1,4 @@
-"""Shared test fixtures: a scripted HTTP receiver, configs, and a running bridge.
+"""Shared test fixtures: the scripted HTTP receiver, configs, and a running bridge.
 
 Everything is real: aiohttp servers on 127.0.0.1, SQLite files in tmp_path, the flicd
 simulator speaking the real protocol. Only time is ever faked.
@@ -8,110 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import sys
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config, ConfigError, config_from_mapping
 from flicbridge.sources.simulator import Simulator
-
-
-@dataclass
-class Received:
-    """One request the receiver got."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: Any
-    at: float = field(default_factory=time.monotonic)
-    raw_path: str = ""  # as sent, percent-escapes kept
-
-
-@dataclass
-class Receiver:
-    """A real aiohttp server that records requests and answers from a script.
-
-    ``script`` holds answers to use first (status, body, headers) or "hang"; when it is
-    empty ``default`` answers.
-    """
-
-    url: str = ""
-    requests: list[Received] = field(default_factory=list)
-    script: deque[Any] = field(default_factory=deque)
-    default: tuple[int, Any, dict[str, str]] = (202, {"status": "ok"}, {})
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-    hang_for: float = 30.0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        answer = self.script.popleft() if self.script else self.default
-        self.requests.append(
-            Received(
-                request.method,
-                request.path,
-                dict(request.query),
-                dict(request.headers),
-                body,
-                raw_path=request.raw_path.split("?")[0],
-            )
-        )
-        async with self.arrived:
-            self.arrived.notify_all()
-        if answer == "hang":
-            await asyncio.sleep(self.hang_for)
-            answer = self.default
-        status, payload, headers = answer
-        if isinstance(payload, str | bytes):
-            return web.Response(status=status, body=payload, headers=headers)
-        return web.json_response(payload, status=status, headers=headers)
-
-    def ok(self, path_part: str = "") -> list[Received]:
-        return [r for r in self.requests if path_part in r.path]
-
-    async def wait_for(
-        self, count: int, timeout: float = 10.0, where: Callable[[Received], bool] | None = None
-    ) -> list[Received]:
-        """Wait until ``count`` requests (matching ``where``) arrived; return them."""
-
-        def matching() -> list[Received]:
-            return [r for r in self.requests if where is None or where(r)]
-
-        async with asyncio.timeout(timeout), self.arrived:
-            await self.arrived.wait_for(lambda: len(matching()) >= count)
-        return matching()
+from tests.receiver import Receiver
 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    await runner.cleanup()
+    """The platform stand-in on a free loopback port, answering 202 unless scripted."""
+    async with Receiver() as rec:
+        yield rec
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import pytest
 from flicbridge.acks import run_feedback
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from tests.conftest import Receiver, auth, make_config, open_alert, running
+from tests.conftest import auth, make_config, open_alert, running
+from tests.receiver import Receiver
 
 SECRET = "pd-webhook-secret"
 OLD_SECRET = "the-secret-before-rotation"

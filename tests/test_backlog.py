@@ -10,7 +10,8 @@ import pytest
 from flicbridge.config import Config
 from flicbridge.dispatcher import WINDOW
 from flicbridge.domain import Signal, SignalState, utcnow
-from tests.conftest import Receiver, make_config, running
+from tests.conftest import make_config, running
+from tests.receiver import Receiver
 
 
 def config(tmp_path: Path, receiver: Receiver) -> Config:

@@ -29,7 +29,8 @@ from flicbridge.sources.ble import (
     read_pairings,
     write_pairings,
 )
-from tests.conftest import Receiver, make_config, running
+from tests.conftest import make_config, running
+from tests.receiver import Receiver
 from tests.test_flicd_source import CeilingRandom, Recorder, eventually
 from tests.test_flicd_source import running as running_source  # any source with run()
 

@@ -11,12 +11,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Receiver as LoopReceiver
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.health import BATTERY_HYSTERESIS
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import A, Receiver, make_config, running
+from tests.conftest import A, make_config, running
+from tests.receiver import Receiver
 from tests.test_faults import accelerated, eventually, loop
 
 
@@ -115,7 +115,7 @@ def test_silence_opens_after_silent_after_and_a_press_closes_it(tmp_path: Path) 
     """Nothing heard for silent_after (1 h, loop time) opens the alert; a press closes it."""
 
     async def main() -> None:
-        receiver = LoopReceiver()
+        receiver = Receiver()
         await receiver.start()
         sim = Simulator(host="127.0.0.1", port=0, buttons={A: "Alpha"})
         await sim.start()

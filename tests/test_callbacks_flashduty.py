@@ -14,7 +14,8 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from tests.conftest import Receiver, make_config, open_alert, running
+from tests.conftest import make_config, open_alert, running
+from tests.receiver import Receiver
 
 HEADER = "X-Customize-Header-A"
 SECRET = "fd-secret-value"

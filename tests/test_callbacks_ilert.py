@@ -13,7 +13,8 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.config import Config
-from tests.conftest import Receiver, make_config, open_alert, running
+from tests.conftest import make_config, open_alert, running
+from tests.receiver import Receiver
 
 ILERT_AUTH = "some-optional-auth"  # the seed's sample header value
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import EXE, TOKEN, Receiver, auth, cli, free_port
+from tests.conftest import EXE, TOKEN, auth, cli, free_port
+from tests.receiver import Receiver
 
 
 def write_config(tmp_path: Path, receiver_url: str, **server: Any) -> Path:

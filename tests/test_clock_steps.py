@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Receiver
 from tests.conftest import running
+from tests.receiver import Receiver
 from tests.test_faults import (
     accelerated,
     arrived,

@@ -26,8 +26,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from benchmarks.harness import Arrival, Daemon, Receiver
 from flicbridge.sources.simulator import Simulator
+from tests.daemon import Daemon
+from tests.receiver import Received, Receiver
 
 TOKEN = "crash-token"
 FLICD = {"f1": "80:e4:da:70:00:01", "f2": "80:e4:da:70:00:02", "f3": "80:e4:da:70:00:03"}
@@ -291,7 +292,7 @@ class Campaign:
                     f"cycle {cycle}: daemon says {button['id']} {button['state']}, store {expected}"
                 )
 
-    def epoch(self, arrival: Arrival) -> int:
+    def epoch(self, arrival: Received) -> int:
         # A request whose bytes were in before the kill may be handled just after it.
         return sum(1 for k in self.kills if arrival.at > k + 0.1)
 
@@ -305,7 +306,7 @@ class Campaign:
         for e in events:
             assert (e["alert_key"], e["pressed_at"]) not in by_key_time, "ambiguous timestamps"
             by_key_time[(e["alert_key"], e["pressed_at"])] = e["id"]
-        arrivals: dict[tuple[str, int], list[Arrival]] = defaultdict(list)
+        arrivals: dict[tuple[str, int], list[Received]] = defaultdict(list)
         lanes: dict[tuple[str, str], list[int]] = defaultdict(list)
         for a in self.receiver.delivered():
             sink = a.path.strip("/")
@@ -415,7 +416,6 @@ async def test_kill_9_while_the_disk_is_full_loses_no_press(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from tests.conftest import Receiver as TestReceiver
     from tests.conftest import free_port
 
     mnt = tmp_path / "disk"
@@ -424,14 +424,8 @@ async def test_kill_9_while_the_disk_is_full_loses_no_press(tmp_path: Path) -> N
     mounted = await asyncio.to_thread(subprocess.run, mount, capture_output=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    received = TestReceiver()
-    app = aiohttp.web.Application()
-    app.router.add_route("*", "/{tail:.*}", received.handle)
-    runner = aiohttp.web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    received.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    received = Receiver()
+    await received.start()
     sim = Simulator(host="127.0.0.1", port=0, buttons={FLICD["f1"]: "F1"})
     await sim.start()
     cfg = tmp_path / "config.toml"
@@ -507,5 +501,5 @@ async def test_kill_9_while_the_disk_is_full_loses_no_press(tmp_path: Path) -> N
         assert states == ["On", "Off", "On", "Off"]
     finally:
         await sim.stop()
-        await runner.cleanup()
+        await received.stop()
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mnt)], check=False)

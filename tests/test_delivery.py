@@ -6,9 +6,7 @@ import asyncio
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -16,8 +14,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from flicbridge.config import config_from_mapping
 from flicbridge.delivery import (
@@ -31,56 +27,11 @@ from flicbridge.delivery import (
 )
 from flicbridge.domain import Message, SignalState
 from flicbridge.sinks import Sink, build_sink
+from tests.receiver import Receiver
 
 SECRET_PATH = "/POSTAlert/SECRETKEY/Flic"
 # Strings no detail may ever contain: the AlertOps key path and every configured secret.
 SECRETS = ("SECRETKEY", "/POSTAlert", "fd-secret-key", "pd-routing-secret", "hook-token-9")
-
-
-@dataclass
-class Reply:
-    """One scripted answer; ``hang`` holds the response until the test ends."""
-
-    status: int = 202
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    hang: bool = False
-
-
-class Peer:
-    """A platform stand-in that answers from a script (202 when it runs out)."""
-
-    def __init__(self) -> None:
-        self.replies: deque[Reply] = deque()
-        self.paths: list[str] = []
-        self.release = asyncio.Event()
-        self.arrived = asyncio.Event()
-        self.base = ""
-
-    def script(self, *replies: Reply) -> None:
-        self.replies.extend(replies)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.paths.append(request.path_qs)
-        self.arrived.set()
-        reply = self.replies.popleft() if self.replies else Reply()
-        if reply.hang:
-            await self.release.wait()
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[Peer]:
-    p = Peer()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", p.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    p.base = f"http://127.0.0.1:{server.port}"
-    yield p
-    p.release.set()
-    await server.close()
 
 
 @pytest.fixture
@@ -147,23 +98,25 @@ async def send(session: aiohttp.ClientSession, sink: Sink, seconds: float = 2.0)
 
 
 @pytest.mark.parametrize("status", [200, 202, 204])
-async def test_2xx_is_delivered(peer: Peer, session: aiohttp.ClientSession, status: int) -> None:
+async def test_2xx_is_delivered(
+    receiver: Receiver, session: aiohttp.ClientSession, status: int
+) -> None:
     """Any 2xx delivers, with or without a body."""
-    peer.script(Reply(status, b"" if status == 204 else b'{"status": "success"}'))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((status, b"" if status == 204 else b'{"status": "success"}', {}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome == Outcome("delivered", status, f"HTTP {status}", None, False)
 
 
 async def test_flashduty_2xx_with_error_object_is_dead_with_its_message(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """Flashduty's 200 carrying an error object is a permanent failure, "CODE: message"."""
-    sink = flashduty(peer.base)
+    sink = flashduty(receiver.url)
     body = (
         b'{"request_id": "r1", "error": {"code": "InvalidParameter",'
         b' "message": "integration_key fd-secret-key is disabled"}}'
     )
-    peer.script(Reply(200, body))
+    receiver.script.append((200, body, {}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert outcome.status == 200
@@ -175,11 +128,11 @@ async def test_flashduty_2xx_with_error_object_is_dead_with_its_message(
     "body", [b"", b"OK", b'{"request_id": "r1", "data": {"alert_key": "hq/reception"}}']
 )
 async def test_flashduty_2xx_without_error_object_is_delivered(
-    peer: Peer, session: aiohttp.ClientSession, body: bytes
+    receiver: Receiver, session: aiohttp.ClientSession, body: bytes
 ) -> None:
     """An empty, non-JSON or success body from Flashduty is a success."""
-    peer.script(Reply(200, body))
-    assert (await send(session, flashduty(peer.base))).kind == "delivered"
+    receiver.script.append((200, body, {}))
+    assert (await send(session, flashduty(receiver.url))).kind == "delivered"
 
 
 # -- permanent failures ------------------------------------------------------------
@@ -195,12 +148,12 @@ async def test_flashduty_2xx_without_error_object_is_delivered(
     ],
 )
 async def test_other_4xx_is_dead_with_the_platforms_message(
-    peer: Peer, session: aiohttp.ClientSession, status: int, code: str
+    receiver: Receiver, session: aiohttp.ClientSession, status: int, code: str
 ) -> None:
     """400/401/403/404 are not retried; the platform's explanation is kept, secrets masked."""
-    sink = flashduty(peer.base)
+    sink = flashduty(receiver.url)
     body = f'{{"error": {{"code": "{code}", "message": "bad key fd-secret-key"}}}}'
-    peer.script(Reply(status, body.encode(), {"Content-Type": "application/json"}))
+    receiver.script.append((status, body.encode(), {"Content-Type": "application/json"}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert outcome.status == status
@@ -212,17 +165,21 @@ async def test_other_4xx_is_dead_with_the_platforms_message(
 
 
 async def test_pagerduty_400_is_dead_and_hides_the_routing_key(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """PagerDuty's 400 reason is kept even when it quotes the routing key."""
     sink = make_sink(
-        {"type": "pagerduty", "url": peer.base + "/v2/enqueue", "routing_key": "pd-routing-secret"}
+        {
+            "type": "pagerduty",
+            "url": receiver.url + "/v2/enqueue",
+            "routing_key": "pd-routing-secret",
+        }
     )
     body = (
         b'{"status":"invalid event","message":"Event object is invalid",'
         b'"errors":["Length of \'routing_key\' pd-routing-secret is incorrect"]}'
     )
-    peer.script(Reply(400, body))
+    receiver.script.append((400, body, {}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert "Event object is invalid" in outcome.detail
@@ -231,31 +188,31 @@ async def test_pagerduty_400_is_dead_and_hides_the_routing_key(
 
 
 async def test_redirect_is_dead_and_not_followed(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """A 301 is a wrong URL: it is not followed (no GET, no key sent elsewhere)."""
-    sink = alertops(peer.base)
-    peer.script(Reply(301, b"", {"Location": peer.base + "/elsewhere" + SECRET_PATH}))
+    sink = alertops(receiver.url)
+    receiver.script.append((301, b"", {"Location": receiver.url + "/elsewhere" + SECRET_PATH}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert outcome.status == 301
     assert "redirect not followed" in outcome.detail
-    assert peer.paths == [SECRET_PATH]
+    assert [(r.path, r.query) for r in receiver.requests] == [(SECRET_PATH, {})]
     assert_safe(outcome, sink)
 
 
 async def test_html_error_page_becomes_a_short_text_excerpt(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """An HTML page is reduced to its text, whitespace collapsed, the echoed URL path hidden."""
-    sink = alertops(peer.base)
+    sink = alertops(receiver.url)
     page = (
         "<!DOCTYPE html>\n<html><head><title>404 Not Found</title>\n"
         "<style>body { color: red; }</style><script>var x = 1;</script></head>\n"
         f"<body>\n  <h1>Not   Found</h1>\n  <p>Cannot POST {SECRET_PATH} &amp; sorry</p>\n"
         "<!-- served by nginx -->\n</body></html>"
     )
-    peer.script(Reply(404, page.encode(), {"Content-Type": "text/html; charset=utf-8"}))
+    receiver.script.append((404, page.encode(), {"Content-Type": "text/html; charset=utf-8"}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert outcome.detail == "HTTP 404: 404 Not Found Not Found Cannot POST *** & sorry"
@@ -263,11 +220,11 @@ async def test_html_error_page_becomes_a_short_text_excerpt(
 
 
 async def test_a_huge_body_is_cut_to_a_short_excerpt(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """Only a bounded part of the body is read and at most 300 chars of it are kept."""
-    peer.script(Reply(400, b"x" * 1_000_000))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((400, b"x" * 1_000_000, {}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome.kind == "dead"
     excerpt = outcome.detail.removeprefix("HTTP 400: ")
     assert len(excerpt) == 300
@@ -279,18 +236,20 @@ async def test_a_huge_body_is_cut_to_a_short_excerpt(
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
 async def test_408_429_and_5xx_are_retried_and_429_pauses_the_sink(
-    peer: Peer, session: aiohttp.ClientSession, status: int
+    receiver: Receiver, session: aiohttp.ClientSession, status: int
 ) -> None:
     """Throttling, timeouts and server errors retry; only 429 pauses the whole sink."""
-    peer.script(Reply(status, b""))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((status, b"", {}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome == Outcome("retry", status, f"HTTP {status}", None, status == 429)
 
 
-async def test_retry_after_seconds_is_honoured(peer: Peer, session: aiohttp.ClientSession) -> None:
+async def test_retry_after_seconds_is_honoured(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
     """A delta-seconds Retry-After becomes the outcome's minimum delay."""
-    peer.script(Reply(429, b'{"error": "slow down"}', {"Retry-After": "30"}))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((429, b'{"error": "slow down"}', {"Retry-After": "30"}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome.kind == "retry"
     assert outcome.pause_sink
     assert outcome.retry_after == 30.0
@@ -298,21 +257,23 @@ async def test_retry_after_seconds_is_honoured(peer: Peer, session: aiohttp.Clie
 
 
 async def test_retry_after_http_date_is_honoured(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """An HTTP-date Retry-After becomes seconds from now."""
     when = format_datetime(datetime.fromtimestamp(time.time() + 120, UTC), usegmt=True)
-    peer.script(Reply(503, b"", {"Retry-After": when}))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((503, b"", {"Retry-After": when}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome.kind == "retry"
     assert outcome.retry_after is not None
     assert 110 <= outcome.retry_after <= 121
 
 
-async def test_garbage_retry_after_is_ignored(peer: Peer, session: aiohttp.ClientSession) -> None:
+async def test_garbage_retry_after_is_ignored(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
     """An unreadable Retry-After leaves the backoff alone."""
-    peer.script(Reply(503, b"", {"Retry-After": "soon, maybe"}))
-    outcome = await send(session, alertops(peer.base))
+    receiver.script.append((503, b"", {"Retry-After": "soon, maybe"}))
+    outcome = await send(session, alertops(receiver.url))
     assert outcome.kind == "retry"
     assert outcome.retry_after is None
 
@@ -348,11 +309,11 @@ def test_classify_reads_retry_after_case_insensitively_from_any_mapping() -> Non
 
 
 async def test_a_peer_that_hangs_past_the_timeout_is_retried(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """An answer that never comes ends at the timeout as a retry, the URL hidden."""
-    sink = alertops(peer.base)
-    peer.script(Reply(hang=True))
+    sink = alertops(receiver.url)
+    receiver.script.append("hang")
     started = time.monotonic()
     outcome = await send(session, sink, seconds=0.2)
     assert time.monotonic() - started < 5
@@ -376,11 +337,11 @@ async def test_connection_refused_is_retried(session: aiohttp.ClientSession) -> 
     assert_safe(outcome, sink)
 
 
-async def test_cancellation_propagates(peer: Peer, session: aiohttp.ClientSession) -> None:
+async def test_cancellation_propagates(receiver: Receiver, session: aiohttp.ClientSession) -> None:
     """Cancelling an attempt cancels it; it is never turned into an outcome."""
-    peer.script(Reply(hang=True))
-    task = asyncio.create_task(send(session, alertops(peer.base), seconds=5.0))
-    await asyncio.wait_for(peer.arrived.wait(), 5)
+    receiver.script.append("hang")
+    task = asyncio.create_task(send(session, alertops(receiver.url), seconds=5.0))
+    await receiver.wait_for(1, timeout=5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -414,17 +375,17 @@ def test_exception_details_never_carry_the_url_or_keys() -> None:
 
 
 async def test_header_secrets_are_masked_when_echoed(
-    peer: Peer, session: aiohttp.ClientSession
+    receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """A webhook's Authorization value echoed by a 401 page does not reach the detail."""
     sink = make_sink(
         {
             "type": "webhook",
-            "url": peer.base + "/hook",
+            "url": receiver.url + "/hook",
             "headers": {"Authorization": "Bearer hook-token-9"},
         }
     )
-    peer.script(Reply(401, b"bad credentials: Bearer hook-token-9"))
+    receiver.script.append((401, b"bad credentials: Bearer hook-token-9", {}))
     outcome = await send(session, sink)
     assert outcome.kind == "dead"
     assert outcome.detail == "HTTP 401: bad credentials: ***"

@@ -27,7 +27,8 @@ from flicbridge.alerts import Subscriber
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import A, Receiver, auth, make_config, running
+from tests.conftest import A, auth, make_config, running
+from tests.receiver import Receiver
 
 # More than a page (4 KiB) of button info: every open writes an outbox row that needs new
 # pages, so a store that may not grow cannot commit it.

@@ -2,7 +2,7 @@
 
 Each scenario runs on the time-accelerated loop of ``test_faults`` against a real aiohttp
 receiver standing in for the platform, with the sink at its type's default pace. Every
-time asserted is the loop's (``Arrival.loop_at``), never wall-clock arrivals.
+time asserted is the loop's (``Received.loop_at``), never wall-clock arrivals.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import Arrival, Receiver
 from flicbridge.sinks import SINK_CLASSES
 from tests.conftest import running
+from tests.receiver import Received, Receiver
 from tests.test_faults import accelerated, arrived, eventually, hook_config, loop, signal
 from tests.test_sink_pipeline import KEY_FIELD, sink_config
 
@@ -64,7 +64,7 @@ async def backlog(bridge: Any, platform: Platform, buttons: int, presses: int) -
     platform.down = False
 
 
-def key_of(kind: str, arrival: Arrival) -> str:
+def key_of(kind: str, arrival: Received) -> str:
     return str(arrival.body[KEY_FIELD[kind]])
 
 

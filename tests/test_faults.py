@@ -32,14 +32,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import Receiver, toml_dumps
 from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.dispatcher import WINDOW
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.sources.simulator import Simulator
 from flicbridge.store import Store
-from tests.conftest import make_config, running
+from tests.conftest import free_port, make_config, running
+from tests.daemon import toml_dumps
+from tests.receiver import Receiver
 
 A = "80:e4:da:70:00:01"
 IDLE_JUMP = 0.005  # real seconds of silence before the clock jumps to the next timer
@@ -238,13 +239,6 @@ def disconnects(logs: list[dict[str, Any]]) -> list[str]:
 
 def reconnect_delays(logs: list[dict[str, Any]]) -> list[float]:
     return [float(e["delay_s"]) for e in logs if e["event"] == "flicd_reconnect_scheduled"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_flicd_refused_at_start_then_appears(tmp_path: Path, logs: list[dict[str, Any]]) -> None:

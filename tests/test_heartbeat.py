@@ -12,11 +12,11 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from benchmarks.harness import Receiver
 from flicbridge.config import Config
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.sources.simulator import Simulator
 from tests.conftest import A, free_port, make_config, running
+from tests.receiver import Receiver
 from tests.test_faults import accelerated, eventually, loop
 
 INTERVAL = 60.0

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 
 from flicbridge.app import Bridge
-from tests.conftest import Receiver, auth, make_config, running
+from tests.conftest import auth, make_config, running
+from tests.receiver import Receiver
 
 PHONE, HUB = "phone-secret-1", "hub-secret-2"
 

@@ -17,7 +17,8 @@ import pytest
 
 import flicbridge.dispatcher as dispatcher_module
 from flicbridge.domain import Message, Signal, SignalState, utcnow
-from tests.conftest import Receiver, make_config, running
+from tests.conftest import make_config, running
+from tests.receiver import Receiver
 
 PRESSES = ["On", "On", "Off", "On", "Off", "On", "On", "Off"]
 ACTIONS = ["open", "open", "close", "open", "close", "open", "open", "close"]

@@ -19,7 +19,8 @@ from flicbridge.app import Bridge
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.server import local
 from flicbridge.tokens import TOKEN_LIFETIME
-from tests.conftest import TOKEN, Receiver, auth, make_config, running
+from tests.conftest import TOKEN, auth, make_config, running
+from tests.receiver import Receiver
 
 
 class Stream:

@@ -16,7 +16,8 @@ from flicbridge.app import Bridge
 from flicbridge.config import Config
 from flicbridge.server.openapi import build_document
 from flicbridge.server.wiring import build_app
-from tests.conftest import TOKEN, Receiver, make_config, running
+from tests.conftest import TOKEN, make_config, running
+from tests.receiver import Receiver
 
 FLASHDUTY_HEADER = "X-Flicbridge-Token"
 FLASHDUTY_SECRET = "fd-secret"

@@ -19,33 +19,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from flicbridge.config import config_from_mapping
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import EXE, TOKEN, A, B, Receiver, auth, cli, free_port, make_config, running
+from tests.conftest import EXE, TOKEN, A, B, auth, cli, free_port, make_config, running
+from tests.receiver import Receiver
 
 NEW = "80:e4:da:70:00:09"
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serving(receiver: Receiver) -> AsyncIterator[Receiver]:
-    """Serve one more scripted receiver (the fixture gives one; some tests need two)."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", receiver.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
-        yield receiver
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -237,7 +221,7 @@ async def test_metrics_after_a_scripted_run(tmp_path: Path, receiver: Receiver) 
     )
     async with (
         asyncio.timeout(40),
-        serving(Receiver()) as hook,
+        Receiver() as hook,  # a second receiver (the fixture gives one)
         simulator() as sim,
     ):
         config = make_config(

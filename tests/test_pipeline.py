@@ -6,7 +6,8 @@ from typing import Any
 
 from flicbridge.config import Config
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import A, B, Receiver, make_config, running
+from tests.conftest import A, B, make_config, running
+from tests.receiver import Receiver
 
 
 def flicd_config(tmp_path: Path, sim: Simulator, receiver: Receiver, **extra: Any) -> Config:

@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from benchmarks.harness import Receiver
 from tests.conftest import auth, cli, config_problems, make_config, running
+from tests.receiver import Receiver
 from tests.test_faults import accelerated, eventually, loop
 from tests.test_sink_pipeline import settled, signal
 

@@ -18,7 +18,8 @@ from aiohttp import web
 from flicbridge import secrecy
 from flicbridge.config import ConfigError, config_from_mapping
 from flicbridge.server.limits import HEAD_TIMEOUT, BoundedRunner
-from tests.conftest import EXE, Receiver, auth, cli, free_port, make_config, running
+from tests.conftest import EXE, auth, cli, free_port, make_config, running
+from tests.receiver import Receiver
 
 # -- config ----------------------------------------------------------------------------
 

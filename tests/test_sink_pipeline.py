@@ -9,7 +9,8 @@ import pytest
 
 from flicbridge.app import Bridge
 from flicbridge.domain import Signal, SignalState, utcnow
-from tests.conftest import Receiver, auth, make_config, running
+from tests.conftest import auth, make_config, running
+from tests.receiver import Receiver
 
 
 def sink_config(kind: str, url: str) -> dict[str, Any]:

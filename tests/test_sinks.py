@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
 
 from flicbridge.config import config_from_mapping
 from flicbridge.delivery import Outcome, attempt
@@ -31,6 +27,7 @@ from flicbridge.sinks.pagerduty import PagerDutySink
 from flicbridge.sinks.pushover import PushoverSink
 from flicbridge.sinks.splunk_oncall import SplunkOnCallSink
 from flicbridge.sinks.webhook import PLACEHOLDERS, WebhookSink, template_problems
+from tests.receiver import Receiver
 
 PRESSED = "2024-05-01T10:00:00+00:00"
 SUMMARY = f"Reception panic button: Front desk, ground floor (pressed {PRESSED})"
@@ -42,45 +39,6 @@ DETAILS = (
     "Site: hq\n"
     "Origin: press"
 )
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """A platform stand-in: records every request and answers 202."""
-
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self.base = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.requests.append(
-            Received(request.method, request.path, dict(request.query), request.headers, body)
-        )
-        return web.json_response({"status": "success"}, status=202)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    recv = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recv.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    recv.base = f"http://127.0.0.1:{server.port}"
-    yield recv
-    await server.close()
 
 
 @pytest.fixture
@@ -134,7 +92,7 @@ async def test_alertops_open_posts_the_flic_template_with_extras(
     sink = make_sink(
         {
             "type": "alertops",
-            "url": f"{receiver.base}/POSTAlert/SECRETKEY/Flic",
+            "url": f"{receiver.url}/POSTAlert/SECRETKEY/Flic",
             "headers": {"X-Team": "ops"},
         }
     )
@@ -164,7 +122,7 @@ async def test_alertops_close_is_flic_state_off_and_omits_an_unset_site(
 ) -> None:
     """A close is flic_state Off; without a site there is no site field."""
     sink = make_sink(
-        {"type": "alertops", "url": f"{receiver.base}/POSTAlert/SECRETKEY/Flic"}, site=None
+        {"type": "alertops", "url": f"{receiver.url}/POSTAlert/SECRETKEY/Flic"}, site=None
     )
     message = make_message("close", site="", alert_key="reception", delay_s=12.5)
     assert (await send(session, sink, message)).kind == "delivered"
@@ -188,7 +146,7 @@ async def test_webhook_default_template_renders_every_field(
     receiver: Receiver, session: aiohttp.ClientSession
 ) -> None:
     """The default body template carries key, state, action, button, info and press time."""
-    sink = make_sink({"type": "webhook", "url": f"{receiver.base}/hook"})
+    sink = make_sink({"type": "webhook", "url": f"{receiver.url}/hook"})
     assert (await send(session, sink, make_message("close"))).kind == "delivered"
     (request,) = receiver.requests
     assert request.method == "POST"
@@ -221,7 +179,7 @@ async def test_webhook_custom_template_method_and_headers(
     sink = make_sink(
         {
             "type": "webhook",
-            "url": f"{receiver.base}/hook?x=1",
+            "url": f"{receiver.url}/hook?x=1",
             "method": "PUT",
             "body": body,
             "headers": {"Authorization": "Bearer hook-token"},
@@ -275,7 +233,7 @@ async def test_pagerduty_trigger_carries_routing_key_and_payload(
 ) -> None:
     """An open is an Events v2 trigger with routing_key in the body and the full payload."""
     sink = make_sink(
-        {"type": "pagerduty", "url": f"{receiver.base}/v2/enqueue", "routing_key": "R" * 32}
+        {"type": "pagerduty", "url": f"{receiver.url}/v2/enqueue", "routing_key": "R" * 32}
     )
     assert (await send(session, sink, make_message("open"))).kind == "delivered"
     (request,) = receiver.requests
@@ -308,7 +266,7 @@ async def test_pagerduty_resolve_is_key_action_and_dedup_key_only(
 ) -> None:
     """A close is a resolve of the same dedup_key."""
     sink = make_sink(
-        {"type": "pagerduty", "url": f"{receiver.base}/v2/enqueue", "routing_key": "R" * 32}
+        {"type": "pagerduty", "url": f"{receiver.url}/v2/enqueue", "routing_key": "R" * 32}
     )
     assert (await send(session, sink, make_message("close"))).kind == "delivered"
     assert receiver.requests[0].json() == {
@@ -340,7 +298,7 @@ async def test_ilert_alert_carries_integration_key_summary_labels(
 ) -> None:
     """An open is eventType ALERT with integrationKey, alertKey, priority HIGH and labels."""
     sink = make_sink(
-        {"type": "ilert", "url": f"{receiver.base}/api/events", "integration_key": "il-key-1"}
+        {"type": "ilert", "url": f"{receiver.url}/api/events", "integration_key": "il-key-1"}
     )
     assert (await send(session, sink, make_message("open"))).kind == "delivered"
     (request,) = receiver.requests
@@ -371,7 +329,7 @@ async def test_ilert_resolve_still_sends_a_summary(
 ) -> None:
     """A close is eventType RESOLVE of the same alertKey, with summary and details."""
     sink = make_sink(
-        {"type": "ilert", "url": f"{receiver.base}/api/events", "integration_key": "il-key-1"}
+        {"type": "ilert", "url": f"{receiver.url}/api/events", "integration_key": "il-key-1"}
     )
     message = make_message("close", severity="warning")
     assert (await send(session, sink, message)).kind == "delivered"
@@ -405,7 +363,7 @@ async def test_flashduty_event_has_key_in_query_and_labels(
     sink = make_sink(
         {
             "type": "flashduty",
-            "url": f"{receiver.base}/event/push/alert/standard?region=eu",
+            "url": f"{receiver.url}/event/push/alert/standard?region=eu",
             "integration_key": "fd-key-1",
         }
     )
@@ -439,7 +397,7 @@ async def test_flashduty_close_is_event_status_ok(
     sink = make_sink(
         {
             "type": "flashduty",
-            "url": f"{receiver.base}/event/push/alert/standard",
+            "url": f"{receiver.url}/event/push/alert/standard",
             "integration_key": "fd-key-1",
         }
     )

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Receiver, cli, config_problems, make_config, running
+from tests.conftest import cli, config_problems, make_config, running
+from tests.receiver import Receiver
 from tests.test_sink_pipeline import settled, signal
 
 PRESSED_FIELDS = {"pressed_at", "state_start_time", "description", "state_message", "message"}

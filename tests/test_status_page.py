@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 
 from flicbridge.sources.simulator import Simulator
-from tests.conftest import TOKEN, A, Receiver, auth, make_config, running
+from tests.conftest import TOKEN, A, auth, make_config, running
+from tests.receiver import Receiver
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

@@ -19,7 +19,8 @@ from flicbridge.store import (
     StoreError,
     inspect_store,
 )
-from tests.conftest import Receiver, cli, free_port, make_config, running
+from tests.conftest import cli, free_port, make_config, running
+from tests.receiver import Receiver
 from tests.test_cli import start_daemon, wait_healthy, write_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store-0.1.0.db"

@@ -26,7 +26,7 @@ import structlog
 from pydantic import SecretStr
 
 from flicbridge.domain import Message
-from flicbridge.sinks.base import DirectSink, Sink
+from flicbridge.sinks.base import DirectSink, HttpRequest, Sink
 
 log = structlog.get_logger(__name__)
 
@@ -206,6 +206,33 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def send_and_classify(
+    session: aiohttp.ClientSession,
+    sink: Sink,
+    request: HttpRequest,
+    timeout: float,  # noqa: ASYNC109 - per sink, and aiohttp's own timeout names its phase
+) -> tuple[Outcome, bytes]:
+    """Send ``request`` once for ``sink`` and classify the answer, with the body read.
+
+    ``timeout`` covers connect to last byte; a redirect is not followed; at most
+    ``BODY_LIMIT`` bytes of the body are read (none when the request failed).
+    """
+    try:
+        data = json.dumps(request.json).encode("utf-8")
+        async with session.request(
+            request.method,
+            request.url,
+            data=data,
+            headers=dict(request.headers),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        ) as response:
+            body = await _read_bounded(response, BODY_LIMIT)
+            return classify(sink, response.status, response.headers, body), body
+    except Exception as exc:  # CancelledError is a BaseException: it propagates
+        return classify_exception(sink, exc), b""
+
+
 async def attempt(
     session: aiohttp.ClientSession,
     sink: Sink,
@@ -221,19 +248,9 @@ async def attempt(
         return Outcome(result.kind, None, redact(sink, result.detail))
     try:
         request = sink.build(message)
-        data = json.dumps(request.json).encode("utf-8")
-        async with session.request(
-            request.method,
-            request.url,
-            data=data,
-            headers=dict(request.headers),
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            allow_redirects=False,
-        ) as response:
-            body = await _read_bounded(response, BODY_LIMIT)
-            outcome = classify(sink, response.status, response.headers, body)
-    except Exception as exc:  # CancelledError is a BaseException: it propagates
+    except Exception as exc:  # a defect in building the request: classified like sending it
         return classify_exception(sink, exc)
+    outcome, body = await send_and_classify(session, sink, request, timeout)
     if outcome.kind == "delivered":
         try:
             sink.on_delivered(message, body)

@@ -32,3 +32,7 @@ class TokenInUse(FlicbridgeError):
 
 class StoreError(FlicbridgeError):
     """The store cannot be used (corrupt, unreadable, wrong file) or cannot commit."""
+
+
+class TooManySubscriptions(FlicbridgeError):
+    """The bridge keeps a bounded number of subscriptions (``MAX_SUBSCRIPTIONS``)."""

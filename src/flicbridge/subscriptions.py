@@ -5,10 +5,11 @@
   streams that name it; a ``webhook`` one has every alert at or above its ``min_priority``
   POSTed as JSON to its URL.
 - A webhook subscription is one lane: a bounded mailbox on the AlertBus (publishing never
-  waits; when the mailbox is full the oldest alert goes) and one task that POSTs in order,
-  deciding retry or give-up with ``delivery.classify`` and waiting ``delivery.next_delay``
-  like the sinks do. Alerts live in memory only: one still failing after
-  ``ALERT_MAX_AGE`` seconds of retries is given up, with a log line.
+  waits; when the mailbox is full the oldest alert goes) and one task that POSTs in order
+  with ``delivery.send_and_classify`` (the sinks' own send, timeout, body bound and
+  redaction), deciding retry or give-up and waiting ``delivery.next_delay`` as they do.
+  Alerts live in memory only: one still failing after ``ALERT_MAX_AGE`` seconds of
+  retries is given up, with a log line.
 - The watch raises one ERROR alert when a sink's oldest pending row is older than
   ``FAILING_AFTER`` seconds, and another only after that sink has caught up again. It
   sleeps until the next row is due to cross that age (at most FAILING_AFTER): no polling.
@@ -17,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import secrets
 import sqlite3
@@ -31,10 +31,10 @@ import structlog
 from flicbridge import __version__
 from flicbridge.alerts import LocalAlert, Priority, Subscriber
 from flicbridge.config import WebhookSink as WebhookSinkConfig
-from flicbridge.delivery import BODY_LIMIT, Outcome, classify, classify_exception, next_delay
-from flicbridge.errors import FlicbridgeError
+from flicbridge.delivery import Outcome, next_delay, send_and_classify
+from flicbridge.errors import TooManySubscriptions
 from flicbridge.sinks import build_sink
-from flicbridge.sinks.base import Sink
+from flicbridge.sinks.base import HttpRequest, Sink
 
 if TYPE_CHECKING:
     from flicbridge.alerts import AlertBus
@@ -50,10 +50,6 @@ ALERT_MAX_AGE = 3600.0  # seconds of retries before a webhook subscription gives
 FAILING_AFTER = 300.0  # a sink whose oldest pending row is this old raises an ERROR alert
 WATCH_SLACK = 0.05  # seconds the watch looks after a row is due, so that it is past due
 STREAM_PATH = "/api/v1/alerts/stream"
-
-
-class TooManySubscriptions(FlicbridgeError):
-    """The bridge keeps at most ``MAX_SUBSCRIPTIONS``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,21 +253,16 @@ class Subscriptions:
 
     async def _post(self, sink: Sink, alert: LocalAlert) -> Outcome:
         assert self._session is not None
-        try:
-            async with self._session.post(
-                sink.url,
-                data=json.dumps(alert.to_json()).encode("utf-8"),
-                headers={
-                    "Content-Type": "application/json",
-                    "User-Agent": f"flicbridge/{__version__}",
-                },
-                timeout=aiohttp.ClientTimeout(total=self.config.delivery.timeout),
-                allow_redirects=False,
-            ) as response:
-                body = await response.content.read(BODY_LIMIT)
-                return classify(sink, response.status, response.headers, body)
-        except Exception as exc:  # CancelledError is a BaseException: it propagates
-            return classify_exception(sink, exc)
+        request = HttpRequest(
+            "POST",
+            sink.url,
+            alert.to_json(),
+            headers={"Content-Type": "application/json", "User-Agent": f"flicbridge/{__version__}"},
+        )
+        outcome, _ = await send_and_classify(
+            self._session, sink, request, self.config.delivery.timeout
+        )
+        return outcome
 
     # -- the failing-sink watch ----------------------------------------------------------
 

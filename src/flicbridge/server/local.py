@@ -25,7 +25,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, RootModel, field_validator
 
 from flicbridge.alerts import PRIORITY_ORDER, LocalAlert, Priority
-from flicbridge.errors import StoreError, TokenExpired, TokenInUse, TokenSpent
+from flicbridge.errors import (
+    StoreError,
+    TokenExpired,
+    TokenInUse,
+    TokenSpent,
+    TooManySubscriptions,
+)
 from flicbridge.server.actions import outcome_text, run_action
 from flicbridge.server.http import (
     BRIDGE,
@@ -37,7 +43,6 @@ from flicbridge.server.http import (
     parse,
     read_json,
 )
-from flicbridge.subscriptions import TooManySubscriptions
 
 log = structlog.get_logger(__name__)
 

@@ -1,9 +1,10 @@
-"""A real flicbridge daemon process and the loopback world around it.
+"""A real flicbridge daemon process and what it needs around it: config, notify socket, /proc.
 
-Used by the benchmarks and by the tests that need a process to kill: the daemon runs
-as ``python -m flicbridge run --config FILE`` with ``NOTIFY_SOCKET`` pointing at a
-socket we own (so READY=1 is observed exactly as systemd observes it), its JSON log
-goes to a file, and its memory and CPU are read from /proc.
+Used by the tests that need a process to kill and by the benchmarks: the daemon runs as
+``python -m flicbridge run --config FILE`` with ``NOTIFY_SOCKET`` pointing at a socket we
+own (so READY=1 is observed exactly as systemd observes it), its JSON log goes to a file,
+and its memory and CPU are read from /proc. The platform it talks to is
+``tests.receiver.Receiver``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # -- TOML (the config format; the standard library only reads it) ----------------------
 
@@ -84,29 +81,6 @@ def proc_cpu_seconds(pid: int) -> float:
         after_name = f.read().rsplit(")", 1)[1].split()
     utime, stime = int(after_name[11]), int(after_name[12])
     return (utime + stime) / CLK_TCK
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """The ``p``-th percentile (nearest rank) of ``values``."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """n, p50, p95, p99 and max of durations given in seconds, in milliseconds."""
-    return {
-        "n": len(seconds),
-        "p50_ms": round(percentile(seconds, 50) * 1000, 3),
-        "p95_ms": round(percentile(seconds, 95) * 1000, 3),
-        "p99_ms": round(percentile(seconds, 99) * 1000, 3),
-        "max_ms": round(max(seconds) * 1000, 3) if seconds else math.nan,
-    }
 
 
 # -- sd_notify ------------------------------------------------------------------------------
@@ -202,8 +176,22 @@ class Daemon:
     def log_path(self) -> Path:
         return self.workdir / f"daemon-{self.incarnation}.log"
 
+    def command(self) -> list[str]:
+        """The command line that starts this daemon."""
+        return [
+            sys.executable,
+            "-m",
+            "flicbridge",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--log-level",
+            self.log_level,
+        ]
+
     async def start(self, timeout: float = 20.0) -> float:
         """Spawn the daemon and wait for READY=1; return the seconds from spawn to READY."""
+        command = self.command()
         if self.notify._sock is None:
             self.notify.open()
         self.incarnation += 1
@@ -214,14 +202,7 @@ class Daemon:
         with open(self.log_path, "wb") as log:  # noqa: ASYNC230
             spawned = time.perf_counter()
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "flicbridge",
-                "run",
-                "--config",
-                str(self.config_path),
-                "--log-level",
-                self.log_level,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -293,74 +274,3 @@ class Daemon:
     def close(self) -> None:
         self.kill()
         self.notify.close()
-
-
-# -- the receiving end -------------------------------------------------------------------
-
-
-@dataclass
-class Arrival:
-    """One request the receiver answered."""
-
-    at: float  # time.perf_counter() when the handler saw the full request
-    path: str
-    body: Any
-    status: int
-    loop_at: float = 0.0  # the event loop's time then (virtual in time-accelerated tests)
-
-
-Answer = tuple[int, Any, Mapping[str, str]]
-Responder = Callable[[web.Request, Any], Awaitable[Answer] | Answer]
-
-
-@dataclass
-class Receiver:
-    """A loopback aiohttp server standing in for every platform; ``respond`` decides answers."""
-
-    respond: Responder | None = None
-    arrivals: list[Arrival] = field(default_factory=list)
-    url: str = ""
-    _runner: web.AppRunner | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        at = time.perf_counter()
-        loop_at = asyncio.get_running_loop().time()
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        answer: Answer = (200, {"status": "ok"}, {})
-        if self.respond is not None:
-            result = self.respond(request, body)
-            answer = await result if asyncio.iscoroutine(result) else result  # type: ignore[assignment]
-        status, payload, headers = answer
-        self.arrivals.append(Arrival(at, request.path, body, status, loop_at))
-        self._changed.set()
-        if isinstance(payload, str | bytes):
-            return web.Response(status=status, body=payload, headers=headers)
-        return web.json_response(payload, status=status, headers=headers)
-
-    def delivered(self) -> list[Arrival]:
-        return [a for a in self.arrivals if 200 <= a.status < 300]
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (no timeout of its own) until ``predicate()`` holds after some arrival."""
-        while not predicate():
-            self._changed.clear()
-            await self._changed.wait()
