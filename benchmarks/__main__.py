@@ -159,6 +159,13 @@ def rows_for(name: str, r: dict[str, Any]) -> list[Row]:
                 f"≤1.5 s: {_yes(slow['delivered_s'] <= 1.5)}",
             ),
             (
+                "the same burst, all opens (marks share an fsync)",
+                f"{r['burst_one_action_slow_disk']['delivered_s']} s",
+                f"{slow['delivered_s']} s open/close alternating",
+                "",
+                "",
+            ),
+            (
                 "panic press inside the burst",
                 f"{slow['panic_ms']} ms",
                 f"{plain['panic_ms']} ms plain; one commit {floor['slow_disk']} ms",

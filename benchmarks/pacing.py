@@ -290,7 +290,10 @@ def logged_latency(daemon: Daemon, button: str, pressed_wall: float) -> float:
     return math.nan
 
 
-async def one_burst(env: dict[str, str], quick: bool) -> dict[str, Any]:
+async def one_burst(env: dict[str, str], quick: bool, *, alternate: bool = True) -> dict[str, Any]:
+    """``alternate``: each button's presses alternate single/double (open, close, open …:
+    every delivered mark is fsync'd before the key's next row); else all single (a run of
+    opens, whose marks share the next fsync)."""
     n_buttons, per_button = 20, 50
     total = n_buttons * per_button + 1
     async with rig(n_buttons + 1, fast_hook, env) as bench:
@@ -302,7 +305,7 @@ async def one_burst(env: dict[str, str], quick: bool) -> dict[str, Any]:
         panic_at = panic_wall = 0.0
         for p in range(per_button):
             for b in range(n_buttons):
-                sim.press(address(b), "single" if p % 2 == 0 else "double")
+                sim.press(address(b), "single" if p % 2 == 0 or not alternate else "double")
             if p == per_button // 2:
                 panic_at, panic_wall = time.perf_counter(), time.time()
                 sim.press(address(n_buttons), "single")
@@ -368,6 +371,7 @@ async def pi_disk(quick: bool) -> dict[str, Any]:
         floor_plain = commit_ms(Path(tmp), {})
         on_sd = await one_burst(slow, quick)
         plain = await one_burst({}, quick)
+        one_action = await one_burst(slow, quick, alternate=False)
         drain = await drain_rss(slow, 2000)
     return {
         "fsync_delay_ms": 20,
@@ -375,6 +379,7 @@ async def pi_disk(quick: bool) -> dict[str, Any]:
         "burst_slow_disk": on_sd,
         "burst_plain_disk": plain,
         "burst_ratio_slow_to_plain": round(on_sd["delivered_s"] / plain["delivered_s"], 2),
+        "burst_one_action_slow_disk": one_action,
         "drain_2000_slow_disk": drain,
         "target": "slow disk: burst delivered <= 1.5 s, panic <= 60 ms, healthz <= 20 ms; "
         "RSS after a 2,000-row drain <= 60 MB",
