@@ -281,6 +281,10 @@ class Bridge:
     def accepting(self, value: bool) -> None:
         self.intake.accepting = value
 
+    def readiness(self) -> list[str]:
+        """Why the bridge is not ready; empty when it is (``/readyz``, status)."""
+        return self.telemetry.readiness(self.accepting)
+
     @property
     def lost(self) -> int:
         """Presses neither committed nor spilled: the exit status says so."""

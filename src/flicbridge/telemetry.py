@@ -222,7 +222,20 @@ class Telemetry:
             reasons.append(f"store cannot commit: {self.health.store_error}")
         for source, up in self.health.source_up.items():
             if not up:
-                reasons.append(f"{source} not connected: {self.health.source_detail.get(source)}")
+                detail = self.health.source_detail.get(source, "")
+                reasons.append(f"{source} not connected: {detail}")
+        return reasons
+
+    def readiness(self, accepting: bool) -> list[str]:
+        """Why the bridge is not ready (empty: ready): what withholds the heartbeat, the
+        faults a connected source reports (a deaf button, a detached controller), and not
+        ``accepting`` signals."""
+        reasons = self.unhealthy()
+        for source, faults in self.health.source_faults.items():
+            if self.health.source_up.get(source):
+                reasons.extend(f"{source}: {fault}" for fault in faults)
+        if not accepting:
+            reasons.append("not accepting signals (starting or stopping)")
         return reasons
 
     # -- button health ---------------------------------------------------------------

@@ -270,23 +270,6 @@ async def healthz(request: web.Request) -> HealthOut:
     return HealthOut(status="ok", version=__version__)
 
 
-def readiness(bridge: Core) -> list[str]:
-    """Why the bridge is not ready; empty when it is."""
-    reasons = []
-    if not bridge.health.store_ok:
-        reasons.append(f"store cannot commit: {bridge.health.store_error}")
-    for source, up in bridge.health.source_up.items():
-        if not up:
-            detail = bridge.health.source_detail.get(source, "")
-            reasons.append(f"{source} not connected: {detail}")
-    for source, faults in bridge.health.source_faults.items():
-        if bridge.health.source_up.get(source):
-            reasons.extend(f"{source}: {fault}" for fault in faults)
-    if not bridge.accepting:
-        reasons.append("not accepting signals (starting or stopping)")
-    return reasons
-
-
 @operation(
     "Readiness: the store commits and every radio source is connected",
     tag="operations",
@@ -296,7 +279,7 @@ def readiness(bridge: Core) -> list[str]:
     ),
 )
 async def readyz(request: web.Request) -> ReadyOut | web.Response:
-    reasons = readiness(request.app[BRIDGE])
+    reasons = request.app[BRIDGE].readiness()
     out = ReadyOut(ready=not reasons, reasons=reasons)
     return reply(out, 503) if reasons else out
 
@@ -314,6 +297,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def status_document(bridge: Core) -> StatusOut:
     """The status document shared by the API, the page and ``flicbridge status``."""
     counts = await bridge.store.counts_within(STATUS_READ_WAIT)  # memory if the disk stalls
+    reasons = bridge.readiness()
     depth = bridge.dispatcher.depth()
     buttons = []
     for button in bridge.config.buttons:
@@ -359,8 +343,8 @@ async def status_document(bridge: Core) -> StatusOut:
         version=__version__,
         site=bridge.config.site,
         uptime_s=round(bridge.mono() - bridge.started_at, 1),
-        ready=not readiness(bridge),
-        reasons=readiness(bridge),
+        ready=not reasons,
+        reasons=reasons,
         store=StatusStore(path=str(bridge.store.path), ok=bridge.health.store_ok),
         sources={
             name: StatusSource(connected=up, detail=bridge.health.source_detail.get(name, ""))
