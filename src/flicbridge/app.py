@@ -30,7 +30,7 @@ from flicbridge.acks import Acknowledgements, FeedbackEvent
 from flicbridge.alerts import AlertBus
 from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
-from flicbridge.core import Accepted, ButtonStatus, ExecToken, Health
+from flicbridge.core import Accepted, ExecToken
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Press, Signal
 from flicbridge.heartbeat import Heartbeat
@@ -43,6 +43,7 @@ from flicbridge.sinks import build_sink
 from flicbridge.sinks.base import DirectSink, Sink
 from flicbridge.spill import Spill, default_path
 from flicbridge.state import AlertState
+from flicbridge.status import ButtonStatus, Health, StatusOut, snapshot
 from flicbridge.store import AckRecord, OutboxRow, Store
 from flicbridge.subscriptions import Subscriptions
 from flicbridge.telemetry import Telemetry
@@ -348,6 +349,25 @@ class Bridge:
         rows = await self.store.requeue(row_id)
         self.dispatcher.add(rows, since=steps)
         return rows
+
+    async def outbox_rows(self, status: str, limit: int) -> list[OutboxRow]:
+        """The newest ``limit`` rows of a status (pending, dead, delivered)."""
+        return await self.store.rows(status, limit)
+
+    async def status(self) -> StatusOut:
+        """The status document (status.py)."""
+        return await snapshot(
+            self.config,
+            store=self.store,
+            dispatcher=self.dispatcher,
+            sinks=self.sinks,
+            states=self.states,
+            buttons=self.buttons,
+            acks=self.acks,
+            health=self.health,
+            readiness=self.readiness,
+            uptime_s=self.mono() - self.started_at,
+        )
 
 
 class _Stopped(Exception):

@@ -41,7 +41,7 @@ import structlog
 
 from flicbridge.alerts import AlertBus
 from flicbridge.config import ButtonConfig, Config
-from flicbridge.core import Accepted, ButtonStatus
+from flicbridge.core import Accepted
 from flicbridge.dispatcher import Dispatcher
 from flicbridge.domain import Decision, Message, Press, Signal, SignalState, utcnow
 from flicbridge.errors import NotAccepting, UnknownButton
@@ -50,6 +50,7 @@ from flicbridge.mapping import signal_for
 from flicbridge.metrics import Metrics
 from flicbridge.spill import Spill, to_json
 from flicbridge.state import AlertState, decide
+from flicbridge.status import ButtonStatus
 from flicbridge.store import Committed, EventRecord, Store, StoreError
 
 log = structlog.get_logger(__name__)

@@ -31,13 +31,13 @@ import structlog
 
 from flicbridge.alerts import AlertBus
 from flicbridge.config import ButtonConfig, Config
-from flicbridge.core import ButtonStatus, Health
 from flicbridge.delivery import Outcome
 from flicbridge.domain import Signal, SignalState, utcnow
 from flicbridge.errors import NotAccepting, UnknownButton
 from flicbridge.health import HealthChange, HealthMonitor, health_state
 from flicbridge.metrics import Metrics
 from flicbridge.state import AlertState
+from flicbridge.status import ButtonStatus, Health
 from flicbridge.store import OutboxRow, StoreError
 
 log = structlog.get_logger(__name__)

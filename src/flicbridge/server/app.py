@@ -34,6 +34,7 @@ from flicbridge.server.http import (
     requires_token,
     sample_button,
 )
+from flicbridge.status import StatusOut
 
 if TYPE_CHECKING:
     from flicbridge.config import Config
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
     from flicbridge.store import OutboxRow
 
 log = structlog.get_logger(__name__)
-
-STATUS_READ_WAIT = 0.5  # seconds the status waits for the disk before answering from memory
 
 
 @web.middleware
@@ -163,57 +162,6 @@ class AcceptedOut(BaseModel):
     duplicate: bool
 
 
-class StatusButton(BaseModel):
-    id: str
-    name: str
-    alert_key: str
-    source: str
-    state: Literal["open", "closed"]
-    opened_at: str | None
-    last_press: str | None
-    last_decision: str | None
-    connected: bool | None
-    link_detail: str
-    battery: int | None
-    acknowledged_by: str | None
-    acknowledged_at: str | None
-    sinks: list[str]
-
-
-class StatusSink(BaseModel):
-    id: str
-    type: str
-    url: str
-    pending: int
-    dead: int
-    delivered_kept: int
-    last_success: float | None
-    last_error: str | None
-    paused_until: float | None
-
-
-class StatusStore(BaseModel):
-    path: str
-    ok: bool
-
-
-class StatusSource(BaseModel):
-    connected: bool
-    detail: str
-
-
-class StatusOut(BaseModel):
-    version: str
-    site: str | None
-    uptime_s: float
-    ready: bool
-    reasons: list[str]
-    store: StatusStore
-    sources: dict[str, StatusSource]
-    buttons: list[StatusButton]
-    sinks: list[StatusSink]
-
-
 class OutboxRowOut(BaseModel):
     id: int
     sink: str
@@ -294,74 +242,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
-async def status_document(bridge: Core) -> StatusOut:
-    """The status document shared by the API, the page and ``flicbridge status``."""
-    counts = await bridge.store.counts_within(STATUS_READ_WAIT)  # memory if the disk stalls
-    reasons = bridge.readiness()
-    depth = bridge.dispatcher.depth()
-    buttons = []
-    for button in bridge.config.buttons:
-        key = bridge.config.alert_key(button)
-        state = bridge.states.get(key)
-        link = bridge.buttons[button.id]
-        ack = bridge.acks.get(key)
-        buttons.append(
-            StatusButton(
-                id=button.id,
-                name=button.display_name,
-                alert_key=key,
-                source=button.source,
-                state="open" if state and state.is_open else "closed",
-                opened_at=state.opened_at.isoformat() if state and state.opened_at else None,
-                last_press=link.last_press,
-                last_decision=link.last_decision,
-                connected=link.connected,
-                link_detail=link.detail,
-                battery=link.battery,
-                acknowledged_by=ack.by if ack else None,
-                acknowledged_at=ack.at.isoformat() if ack else None,
-                sinks=[s.id for s in bridge.config.sinks_of(button)],
-            )
-        )
-    sinks = []
-    for sink_id, sink in bridge.sinks.items():
-        gate = bridge.dispatcher.gates[sink_id]
-        sinks.append(
-            StatusSink(
-                id=sink_id,
-                type=sink.type,
-                url=sink.public_url,
-                pending=depth.get(sink_id, 0),
-                dead=counts.get(sink_id, {}).get("dead", 0),
-                delivered_kept=counts.get(sink_id, {}).get("delivered", 0),
-                last_success=gate.last_success,
-                last_error=gate.last_error,
-                paused_until=gate.paused_until or None,
-            )
-        )
-    return StatusOut(
-        version=__version__,
-        site=bridge.config.site,
-        uptime_s=round(bridge.mono() - bridge.started_at, 1),
-        ready=not reasons,
-        reasons=reasons,
-        store=StatusStore(path=str(bridge.store.path), ok=bridge.health.store_ok),
-        sources={
-            name: StatusSource(connected=up, detail=bridge.health.source_detail.get(name, ""))
-            for name, up in bridge.health.source_up.items()
-        },
-        buttons=buttons,
-        sinks=sinks,
-    )
-
-
 @operation(
     "Buttons, alert states, battery, sources, per-sink queue and last results",
     tag="status",
     replies=(Reply(200, "the status document", StatusOut),),
 )
 async def status(request: web.Request) -> StatusOut:
-    return await status_document(request.app[BRIDGE])
+    return await request.app[BRIDGE].status()
 
 
 @operation(
@@ -452,8 +339,8 @@ def row_json(row: OutboxRow) -> dict[str, Any]:
 )
 async def outbox(request: web.Request) -> OutboxOut:
     bridge = request.app[BRIDGE]
-    pending = await bridge.store.rows("pending", 500)
-    dead = await bridge.store.rows("dead", 500)
+    pending = await bridge.outbox_rows("pending", 500)
+    dead = await bridge.outbox_rows("dead", 500)
     return OutboxOut(pending=[row_out(r) for r in pending], dead=[row_out(r) for r in dead])
 
 
