@@ -32,7 +32,7 @@ from flicbridge.clock import ScheduleClock, loop_time
 from flicbridge.config import ButtonConfig, Config
 from flicbridge.core import Accepted, ExecToken
 from flicbridge.dispatcher import Dispatcher
-from flicbridge.domain import Press, Signal
+from flicbridge.domain import Action, Press, Signal, action_signal
 from flicbridge.heartbeat import Heartbeat
 from flicbridge.intake import Intake
 from flicbridge.metrics import Metrics
@@ -315,6 +315,19 @@ class Bridge:
     ) -> asyncio.Future[Accepted]:
         """Decide ``signal`` now and commit it (``Intake.submit``)."""
         return self.intake.submit(signal, callback=callback, health=health)
+
+    def run_action(
+        self,
+        button_id: str,
+        action: Action,
+        *,
+        origin: str,
+        actor: str,
+        callback: tuple[str, str] | None = None,
+    ) -> asyncio.Future[Accepted]:
+        """Submit the action's Off signal (``domain.action_signal``)."""
+        signal = action_signal(button_id, action, origin=origin, actor=actor)
+        return self.intake.submit(signal, callback=callback)
 
     def acknowledge(
         self, button_id: str, by: str, at: datetime | None = None, *, source: str

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from flicbridge.domain import Decision, Signal
+from flicbridge.domain import Action, Decision, Signal
 
 if TYPE_CHECKING:
     from flicbridge.acks import FeedbackEvent
@@ -60,6 +60,18 @@ class Core(Protocol):
     def submit(
         self, signal: Signal, *, callback: tuple[str, str] | None = None, health: bool = False
     ) -> asyncio.Future[Accepted]: ...
+
+    def run_action(
+        self,
+        button_id: str,
+        action: Action,
+        *,
+        origin: str,
+        actor: str,
+        callback: tuple[str, str] | None = None,
+    ) -> asyncio.Future[Accepted]:
+        """Close (or re-arm) the button's alert on someone's behalf: its Off signal."""
+        ...
 
     def acknowledge(
         self, button_id: str, by: str, at: datetime | None = None, *, source: str

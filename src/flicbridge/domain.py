@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class Click(StrEnum):
@@ -100,6 +100,34 @@ class Signal:
     info: str = ""
     local_only: bool = False
     actor: str = ""  # who triggered a callback (e-mail, user id), for the record
+
+
+# An action a platform or a local screen runs on a button's alert: ``close`` closes it here
+# and at every sink; ``rearm`` closes it here only (the platform already closed its own).
+Action = Literal["close", "rearm"]
+ACTIONS: tuple[Action, ...] = ("close", "rearm")
+ACTOR_LIMIT = 200  # characters of a person's name or id kept with an action
+_VIA = {"ilert": "iLert", "flashduty": "Flashduty", "exec": "a local screen"}
+
+
+def clip(value: str, limit: int = ACTOR_LIMIT) -> str:
+    """``value``, cut to ``limit`` characters (an ellipsis marks the cut)."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def action_signal(button_id: str, action: Action, *, origin: str, actor: str) -> Signal:
+    """The Off signal an action is, recording who ran it and from where."""
+    via = _VIA.get(origin, origin)
+    verb = "closed" if action == "close" else "re-armed"
+    return Signal(
+        button_id=button_id,
+        state=SignalState.OFF,
+        origin=origin,
+        received_at=utcnow(),
+        info=clip(f"{verb} from {via} by {actor}" if actor else f"{verb} from {via}", 500),
+        local_only=action == "rearm",
+        actor=clip(actor),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,12 @@ screens), so none of them imports another.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from flicbridge.domain import Decision, Signal, SignalState, utcnow
+from flicbridge.domain import Action, Decision, Signal
 from flicbridge.errors import NotAccepting, StoreError, UnknownButton
 from flicbridge.server.http import ApiError, Param, committed, sample_button
 
@@ -23,9 +24,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Action = Literal["close", "rearm"]
-ACTIONS: tuple[Action, ...] = ("close", "rearm")
-ACTOR_LIMIT = 200
 
 BUTTON_ID = Param("id", {"type": "string"}, "the button id", example=lambda c: sample_button(c)[0])
 
@@ -35,13 +33,18 @@ BUTTON_ID = Param("id", {"type": "string"}, "the button id", example=lambda c: s
 
 def submit(bridge: Core, signal: Signal, **kwargs: Any) -> asyncio.Future[Accepted]:
     """``bridge.submit`` with its refusals as the API's errors (503 / 404 / 503)."""
+    return _refusals_as_errors(signal.button_id, lambda: bridge.submit(signal, **kwargs))
 
+
+def _refusals_as_errors(
+    button_id: str, call: Callable[[], asyncio.Future[Accepted]]
+) -> asyncio.Future[Accepted]:
     try:
-        return bridge.submit(signal, **kwargs)
+        return call()
     except NotAccepting:
         raise ApiError(503, "shutting down", None) from None
     except UnknownButton:
-        raise ApiError(404, "unknown button", signal.button_id) from None
+        raise ApiError(404, "unknown button", button_id) from None
     except StoreError as exc:  # commits are failing and the store holds all it may
         raise ApiError(503, "store unavailable", str(exc)) from None
 
@@ -115,10 +118,6 @@ def outcome_text(lang: str, action: Action, name: str, result: dict[str, Any]) -
 # -- running an action -------------------------------------------------------------------
 
 
-def _clip(value: str, limit: int = ACTOR_LIMIT) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
-
-
 async def run_action(
     bridge: Core,
     button: ButtonConfig,
@@ -134,21 +133,13 @@ async def run_action(
     With ``wait`` the answer may come before the commit (``"pending": true``): the
     signal is decided and the store retries the write until it lands.
     """
-    via = {"ilert": "iLert", "flashduty": "Flashduty", "exec": "a local screen"}.get(origin, origin)
-    verb = "closed" if action == "close" else "re-armed"
-    signal = Signal(
-        button_id=button.id,
-        state=SignalState.OFF,
-        origin=origin,
-        received_at=utcnow(),
-        info=_clip(f"{verb} from {via} by {actor}" if actor else f"{verb} from {via}", 500),
-        local_only=action == "rearm",
-        actor=_clip(actor),
-    )
     key = bridge.config.alert_key(button)
     before = bridge.states.get(key)
     was_open = before is not None and before.is_open
-    future = submit(bridge, signal, callback=callback)
+    future = _refusals_as_errors(
+        button.id,
+        lambda: bridge.run_action(button.id, action, origin=origin, actor=actor, callback=callback),
+    )
     if wait is not None:
         await asyncio.wait({future}, timeout=wait)  # never cancels the commit
     if not future.done() and wait is not None:

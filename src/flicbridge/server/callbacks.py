@@ -39,10 +39,9 @@ from pydantic import (
     model_serializer,
 )
 
+from flicbridge.domain import ACTIONS, Action
 from flicbridge.secrecy import same_secret
 from flicbridge.server.actions import (
-    ACTIONS,
-    Action,
     find_button,
     language,
     outcome_text,
