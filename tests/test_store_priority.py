@@ -121,3 +121,28 @@ async def test_a_delivered_mark_commits_alone_without_an_fsync(tmp_path: Path) -
     with sqlite3.connect(cfg.store.path) as conn:
         status = conn.execute("SELECT status FROM outbox WHERE id = ?", (row.id,)).fetchone()
     assert status == ("delivered",)
+
+
+async def test_a_receipt_commits_no_later_than_the_mark_of_its_row(tmp_path: Path) -> None:
+    """A sink's receipt (Pushover) is queued when its row is delivered, before the row's
+    mark; a mark that jumps queued writes must not leave its receipt behind (a kill in
+    between would lose the cancel of an emergency)."""
+    sinks = [{"id": "hook", "type": "webhook", "url": "http://127.0.0.1:1/hook"}]  # refused
+    cfg = make_config(
+        tmp_path, sinks=sinks, delivery={"timeout": 2, "backoff_initial": 60, "backoff_max": 60}
+    )
+    async with running(cfg) as bridge:
+        store = bridge.store
+        (row,) = (await bridge.submit(on("desk"))).rows
+        gate = threading.Event()
+        held = store.submit(lambda conn: gate.wait(10))
+        order: list[str] = []
+        write = store.submit(lambda conn: None)
+        receipt = store.save_receipt("hook", "desk", "R1")
+        mark = store.mark_delivered(row.id, 200, durable=False)
+        for name, future in [("write", write), ("receipt", receipt), ("mark", mark)]:
+            future.add_done_callback(lambda _f, name=name: order.append(name))
+        gate.set()
+        await asyncio.gather(held, write, receipt, mark)
+        assert order.index("receipt") < order.index("mark")
+        assert await store.receipts() == {"hook": {"desk": "R1"}}

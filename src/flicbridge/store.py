@@ -1090,7 +1090,12 @@ class Store:
     def save_receipt(
         self, sink_id: str, alert_key: str, receipt: str | None
     ) -> asyncio.Future[None]:
-        """Keep (or, with None, forget) the platform's receipt for an alert key."""
+        """Keep (or, with None, forget) the platform's receipt for an alert key.
+
+        Lazy like a delivered mark, and queued before the mark of the row it came with
+        (``Sink.on_delivered``), so the two commit in that order: a mark is never durable
+        while the receipt of its row is not (a power cut loses both, and the row is sent
+        again with a new receipt)."""
         now = self.clock()
 
         def op(conn: sqlite3.Connection) -> None:
@@ -1105,7 +1110,7 @@ class Store:
                     (sink_id, alert_key, receipt, now),
                 )
 
-        return self.submit(op)
+        return self.submit(op, lazy=True)
 
     async def receipts(self) -> dict[str, dict[str, str]]:
         """Kept receipts: sink id → alert key → receipt (read at start)."""
