@@ -1,5 +1,5 @@
-"""``python -m benchmarks [NAME|all] [--quick] [--json FILE]``; NAME: latency, burst, idle,
-growth, fairness, pi-disk."""
+"""``python -m benchmarks [NAME|all] [--quick] [--json FILE] [--python PATH]``; NAME:
+latency, burst, idle, growth, fairness, pi-disk."""
 
 from __future__ import annotations
 
@@ -209,6 +209,7 @@ def machine() -> dict[str, Any]:
         "arch": platform.machine(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "daemon_python": sys.executable,
     }
 
 
@@ -225,7 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="fewer presses, shorter windows")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON there")
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        help="start the daemon and the bare baseline process with this interpreter, e.g. a "
+        "venv with only the runtime install (no dev extras), to measure what a user runs",
+    )
     args = parser.parse_args(argv)
+    if args.python:
+        # Every process a scenario spawns is started as sys.executable.
+        sys.executable = os.path.abspath(args.python)
     names = list(BENCHMARKS) if args.which == "all" else [args.which]
     logs.setup("warning")  # the simulator's debug lines are not results
     results = asyncio.run(run(names, args.quick))
