@@ -448,7 +448,7 @@ def test_build_sink_maps_every_type_with_its_default_rate() -> None:
         "opsgenie": (OpsgenieSink, 0.5),
         "splunk_oncall": (SplunkOnCallSink, 1.0),
         "incidentio": (IncidentIoSink, 1.0),
-        "ntfy": (NtfySink, 0.5),
+        "ntfy": (NtfySink, 0.2),
         "pushover": (PushoverSink, 1.0),
         "mqtt": (MqttSink, 100.0),
     }

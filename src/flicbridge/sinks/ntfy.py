@@ -20,7 +20,9 @@ class NtfySink(Sink):
     """Open = a message at the button's priority (5 = urgent for critical), close = resolved."""
 
     type = "ntfy"
-    default_rate = 0.5  # ntfy.sh allows a burst of 60 then one message per 5 s per visitor
+    # An ntfy server allows each visitor a burst of 60 requests, then one per 5 s (10 s in
+    # older releases): one per 5 s sustained, with the sinks' default burst of 5, stays under it.
+    default_rate = 0.2
 
     def __init__(self, config: NtfyConfig, *, site: str | None = None) -> None:
         super().__init__(config, site=site)
