@@ -643,8 +643,8 @@ class Store:
             lazy = all(job.lazy for job in jobs)
             batch = [(job.op, job.future) for job in jobs]
             if self._abandoned:  # an earlier operation failed at close: none after it commits
-                for _, future in batch:
-                    self._resolve(future, None, StoreError("store unavailable at close"))
+                error = StoreError("store unavailable at close")
+                self._resolve([(future, None, error) for _, future in batch])
             else:
                 self._run_batch(conn, batch, durable=not lazy)
 
@@ -684,8 +684,8 @@ class Store:
                 self._report(False, f"{type(exc).__name__}: {exc}")
                 if self._stop_retrying.wait(delay):
                     self._abandoned = True
-                    for _, future in batch:
-                        self._resolve(future, None, StoreError(f"store unavailable: {exc}"))
+                    error = StoreError(f"store unavailable: {exc}")
+                    self._resolve([(future, None, error) for _, future in batch])
                     return
                 delay = min(delay * 2, 5.0)
                 continue
@@ -695,8 +695,7 @@ class Store:
                 self.synced = self.batches
             if not self.healthy:
                 self._report(True, "")
-            for future, value, error in results:
-                self._resolve(future, value, error)
+            self._resolve(results)
             return
 
     def _check_identity(self) -> None:
@@ -723,18 +722,21 @@ class Store:
             self._loop.call_soon_threadsafe(self._on_health, healthy, error)
 
     def _resolve(
-        self, future: asyncio.Future[Any], value: Any, error: BaseException | None
+        self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
     ) -> None:
+        """Settle a batch's futures in their order, in one callback on the loop: one wake-up
+        of the loop per commit rather than one per operation."""
         assert self._loop is not None
 
         def settle() -> None:
-            self._unsettled -= 1
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
+            self._unsettled -= len(results)
+            for future, value, error in results:
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(value)
 
         self._loop.call_soon_threadsafe(settle)
 
