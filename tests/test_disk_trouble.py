@@ -416,8 +416,9 @@ async def test_status_answers_while_the_disk_is_frozen(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     """The store's filesystem frozen (fsfreeze) while a signal's commit is in flight: the
-    writer is stuck, yet /api/v1/status keeps answering (from memory where it must); after
-    the thaw the signal commits."""
+    writer is stuck, yet /api/v1/status keeps answering (from memory where it must), and
+    /readyz says the store cannot commit once the commit has waited ``stall_after``; after
+    the thaw the signal commits and the bridge is ready again."""
     import shutil
     import subprocess
 
@@ -436,16 +437,23 @@ async def test_status_answers_while_the_disk_is_frozen(
     try:
         config = make_config(tmp_path, store={"path": str(mnt / "fb.db")})
         async with running(config) as bridge:
+            assert (await ready_status(http, bridge))[0] == 200
+            # Any commit still in flight counts as stalled, so no wall-clock wait is needed.
+            bridge.store.stall_after = 0.0
             await asyncio.to_thread(subprocess.run, ["fsfreeze", "-f", str(mnt)], check=True)
             frozen = True
             url = f"{bridge.url}/api/v1/buttons/desk/signal"
             held = asyncio.ensure_future(http.post(url, json={"state": "On"}, headers=auth()))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: bridge.store.stalled() is not None)
             async with asyncio.timeout(5):  # the freeze lasts until we thaw it below
                 for _ in range(3):
                     async with http.get(f"{bridge.url}/api/v1/status", headers=auth()) as r:
                         assert r.status == 200
                         assert (await r.json())["version"]
+                status, body = await ready_status(http, bridge)
+            assert status == 503
+            assert [r for r in body["reasons"] if r.startswith("store cannot commit: a commit")]
+            assert bridge.telemetry.unhealthy()  # the heartbeat is withheld too
             assert not held.done()  # the commit is still stuck on the frozen disk
             await asyncio.to_thread(subprocess.run, ["fsfreeze", "-u", str(mnt)], check=True)
             frozen = False
@@ -453,6 +461,8 @@ async def test_status_answers_while_the_disk_is_frozen(
                 response = await held
             assert response.status == 202
             response.release()
+            await wait_until(lambda: bridge.store.stalled() is None)
+            assert (await ready_status(http, bridge))[0] == 200
     finally:
         if frozen:
             subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)  # noqa: ASYNC221

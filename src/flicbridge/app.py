@@ -96,6 +96,7 @@ class Bridge:
             bus=self.alerts_bus,
             health=self.health,
             store_path=config.store.path,
+            store_stalled=self.store.stalled,
             submit=self.submit,  # health alerts are signals like any other
             mono=mono,
         )

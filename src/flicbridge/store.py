@@ -181,6 +181,9 @@ class AckRecord:
 # between. A step must be safe on every store that reached version N-1.
 
 IDLE_CHECK = 2.0  # seconds between the idle writer's checks that the store file is ours
+# A commit that has not returned after this many seconds (a frozen filesystem, an SD card
+# hanging on a write) makes the store count as unable to commit: not ready, no heartbeat.
+STALL_AFTER = 5.0
 APPLICATION_ID = 0x46426231  # "FBb1": flicbridge's mark in the SQLite header
 
 
@@ -532,6 +535,8 @@ class Store:
         self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
         self._abandoned = False  # closing gave a failing batch up (keeps commit order)
         self._durable = True  # the connection's synchronous mode is FULL (connect sets it)
+        self.stall_after = STALL_AFTER
+        self._busy_since: float | None = None  # when the writer began its batch (monotonic)
         self._counts_task: asyncio.Future[dict[str, dict[str, int]]] | None = None
         self._counts_cache: dict[str, dict[str, int]] = {}
 
@@ -655,6 +660,19 @@ class Store:
         *,
         durable: bool = True,
     ) -> None:
+        self._busy_since = time.monotonic()
+        try:
+            self._commit_batch(conn, batch, durable=durable)
+        finally:
+            self._busy_since = None
+
+    def _commit_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Op, asyncio.Future[Any]]],
+        *,
+        durable: bool,
+    ) -> None:
         delay = 0.05
         while True:
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
@@ -697,6 +715,17 @@ class Store:
                 self._report(True, "")
             self._resolve(results)
             return
+
+    def stalled(self) -> str | None:
+        """Why the store cannot commit although no commit has failed: the writer has been on
+        one batch for longer than ``stall_after`` (None: it has not)."""
+        since = self._busy_since
+        if since is None:
+            return None
+        waited = time.monotonic() - since
+        if waited < self.stall_after:
+            return None
+        return f"a commit has waited {waited:.0f} s (the disk is frozen or not answering)"
 
     def _check_identity(self) -> None:
         """OperationalError when the path no longer names the file we have open: whatever

@@ -78,6 +78,7 @@ class Telemetry:
         bus: AlertBus,
         health: Health,
         store_path: Path,
+        store_stalled: Callable[[], str | None],
         submit: SubmitHealth,
         mono: Callable[[], float],
     ) -> None:
@@ -89,6 +90,7 @@ class Telemetry:
         self.bus = bus
         self.health = health
         self.store_path = store_path
+        self.store_stalled = store_stalled
         self.submit = submit
         self.monitor = HealthMonitor(
             {b.id: b.display_name for b in config.buttons if b.source != "ingest"},
@@ -216,10 +218,13 @@ class Telemetry:
     # -- heartbeat -------------------------------------------------------------------
 
     def unhealthy(self) -> list[str]:
-        """Why the heartbeat is withheld: the store fails or a radio source is down."""
+        """Why the heartbeat is withheld: the store fails or stalls, or a radio source is
+        down."""
         reasons = []
         if not self.health.store_ok:
             reasons.append(f"store cannot commit: {self.health.store_error}")
+        elif stall := self.store_stalled():
+            reasons.append(f"store cannot commit: {stall}")
         for source, up in self.health.source_up.items():
             if not up:
                 detail = self.health.source_detail.get(source, "")
