@@ -648,8 +648,8 @@ class Store:
             lazy = all(job.lazy for job in jobs)
             batch = [(job.op, job.future) for job in jobs]
             if self._abandoned:  # an earlier operation failed at close: none after it commits
-                error = StoreError("store unavailable at close")
-                self._resolve([(future, None, error) for _, future in batch])
+                closed = "store unavailable at close"
+                self._resolve([(future, None, StoreError(closed)) for _, future in batch])
             else:
                 self._run_batch(conn, batch, durable=not lazy)
 
@@ -702,8 +702,8 @@ class Store:
                 self._report(False, f"{type(exc).__name__}: {exc}")
                 if self._stop_retrying.wait(delay):
                     self._abandoned = True
-                    error = StoreError(f"store unavailable: {exc}")
-                    self._resolve([(future, None, error) for _, future in batch])
+                    why = f"store unavailable: {exc}"
+                    self._resolve([(future, None, StoreError(why)) for _, future in batch])
                     return
                 delay = min(delay * 2, 5.0)
                 continue
