@@ -158,6 +158,35 @@ async def test_a_refused_message_is_dead_lettered_with_pushovers_reason(
     assert TOKEN not in (dead[0].last_error or "")
 
 
+async def test_an_answer_that_echoes_the_credentials_leaks_neither(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    """Pushover's token and user key travel in the request body, as its API asks; an error
+    answer that repeats the whole body shows neither in the dead letter, the log or the
+    status."""
+
+    def echo(request: Any, body: Any) -> tuple[int, Any, dict[str, str]]:
+        return 400, {"status": 0, "errors": [f"cannot take {json.dumps(body)}"]}, {}
+
+    server = Receiver(echo)
+    await server.start()
+    try:
+        config = pushover_config(tmp_path, server.url)
+        async with running(config) as bridge, aiohttp.ClientSession() as http:
+            await signal(bridge, "On")
+            async with asyncio.timeout(10):
+                while not (dead := await bridge.store.rows("dead")):
+                    await asyncio.sleep(0.02)
+            async with http.get(f"{bridge.url}/api/v1/status", headers=auth()) as response:
+                status = await response.text()
+    finally:
+        await server.stop()
+    error = dead[0].last_error or ""
+    assert "cannot take" in error and TOKEN in json.dumps(server.requests[0].body)
+    shown = [error, status, *(json.dumps(event, default=str) for event in logs)]
+    assert not [text for text in shown if TOKEN in text or USER in text]
+
+
 def test_an_acknowledged_receipt_is_an_acknowledgement(tmp_path: Path, logs: list[Any]) -> None:
     """Polled every 30 s (loop time): once Pushover says acknowledged, the bridge records
     who (the device) and when, shows it in the status, and stops polling that receipt."""
