@@ -151,9 +151,8 @@ async def test_a_refused_message_is_dead_lettered_with_pushovers_reason(
     config = pushover_config(tmp_path, pushover.url, user="gznej3rKEVAvPUxu9vvNnqpmZpokzF")
     async with running(config) as bridge:
         await signal(bridge, "On")
-        async with asyncio.timeout(10):
-            while not (dead := await bridge.store.rows("dead")):
-                await asyncio.sleep(0.02)
+        await settled(bridge)
+        dead = await bridge.store.rows("dead")
     assert "user identifier is invalid" in (dead[0].last_error or "")
     assert TOKEN not in (dead[0].last_error or "")
 
@@ -174,9 +173,8 @@ async def test_an_answer_that_echoes_the_credentials_leaks_neither(
         config = pushover_config(tmp_path, server.url)
         async with running(config) as bridge, aiohttp.ClientSession() as http:
             await signal(bridge, "On")
-            async with asyncio.timeout(10):
-                while not (dead := await bridge.store.rows("dead")):
-                    await asyncio.sleep(0.02)
+            await settled(bridge)
+            dead = await bridge.store.rows("dead")
             async with http.get(f"{bridge.url}/api/v1/status", headers=auth()) as response:
                 status = await response.text()
     finally:
